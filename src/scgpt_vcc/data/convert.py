@@ -1,0 +1,211 @@
+"""VCC -> GEARS: map the challenge's annotations to GEARS's and log-normalise the counts.
+
+Mapping:
+
+* ``obs[perturbation_column]`` ``"GENE"`` -> ``obs["condition"]`` ``"GENE+ctrl"``; the control
+  label -> ``"ctrl"``;
+* ``obs["cell_type"]`` = a configured constant (GEARS keys are ``{cell_type}_{condition}_{dose}``,
+  so the label may not contain ``_``);
+* ``var.index`` -> ``var["gene_name"]``; all other obs and var columns are kept;
+* ``layers["counts"]`` = the raw counts; ``X`` = log1p(counts / cell total * target_sum),
+  where target_sum defaults to the data's median total count, so predictions map back to
+  the VCC scale (cell-eval normalises counts to the file's median depth the same way).
+  It is recorded in ``uns["scgpt_vcc"]``.
+
+The input is read twice in row chunks (totals, then normalisation), and the output is
+written in the same chunks: memory holds one chunk, whatever the number of cells.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from scgpt_vcc.errors import InputError
+from scgpt_vcc.io import H5adStreamWriter, atomic_path, iter_row_chunks, read_annotations
+
+log = logging.getLogger(__name__)
+
+GEARS_CONTROL = "ctrl"
+
+
+@dataclass(frozen=True)
+class ConversionSummary:
+    n_cells: int
+    n_genes: int
+    n_control_cells: int
+    n_perturbations: int
+    target_sum: float
+    median_total_counts: float
+
+
+def gears_conditions(targets: pd.Series, control_label: str) -> pd.Categorical:
+    """``GENE`` -> ``GENE+ctrl``, control label -> ``ctrl``."""
+    values = targets.astype(str)
+    conditions = np.where(values == control_label, GEARS_CONTROL, values + "+ctrl")
+    return pd.Categorical(conditions)
+
+
+def gears_annotations(
+    obs: pd.DataFrame,
+    var: pd.DataFrame,
+    *,
+    cell_type: str,
+    control_label: str,
+    perturbation_column: str,
+    path: str | Path = "<input>",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return GEARS-style copies of ``obs`` and ``var`` (checked, nothing else changed)."""
+    if "_" in cell_type:
+        raise InputError(
+            "config",
+            "cell_type",
+            f"{cell_type!r} contains '_'",
+            "choose a label without underscores; GEARS splits its keys on '_'",
+        )
+    if perturbation_column not in obs:
+        raise InputError(
+            path,
+            f"obs[{perturbation_column!r}]",
+            f"no such column (columns: {list(obs.columns)})",
+            "set perturbation_column in the config to the column naming the targeted gene",
+        )
+    targets = obs[perturbation_column].astype(str)
+    n_control = int((targets == control_label).sum())
+    if n_control == 0:
+        labels = targets.value_counts().index[:5].tolist()
+        raise InputError(
+            path,
+            f"obs[{perturbation_column!r}]",
+            f"no cell has the control label {control_label!r} (most frequent values: {labels})",
+            "set control_label in the config to the value that marks control cells",
+        )
+    if var.index.has_duplicates:
+        dups = var.index[var.index.duplicated()].unique()[:5].tolist()
+        raise InputError(
+            path, "var.index", f"duplicated gene names {dups}", "make gene names unique"
+        )
+    if obs.index.has_duplicates:
+        dups = obs.index[obs.index.duplicated()].unique()[:5].tolist()
+        raise InputError(
+            path, "obs.index", f"duplicated cell barcodes {dups}", "make barcodes unique"
+        )
+
+    obs = obs.copy()
+    obs["condition"] = gears_conditions(targets, control_label)
+    obs["cell_type"] = pd.Categorical([cell_type] * len(obs))
+    var = var.copy()
+    var["gene_name"] = var.index.astype(str)
+    return obs, var
+
+
+def _check_counts(chunk: sp.csr_matrix, start: int, path: str | Path) -> None:
+    data = chunk.data
+    if not np.isfinite(data).all():
+        raise InputError(
+            path,
+            "X",
+            f"NaN or inf values in rows from {start}",
+            "X must hold raw UMI counts; remove or fix those cells",
+        )
+    if (data < 0).any():
+        raise InputError(
+            path,
+            "X",
+            f"negative values in rows from {start}",
+            "X must hold raw UMI counts, not normalised or scaled data",
+        )
+    if not np.array_equal(data, np.round(data)):
+        raise InputError(
+            path,
+            "X",
+            f"non-integer values in rows from {start}",
+            "X must hold raw UMI counts; put raw counts in X (not log-normalised data)",
+        )
+
+
+def cell_totals(path: str | Path, chunk_size: int) -> np.ndarray:
+    """Total counts per cell, checking that X holds counts."""
+    totals = []
+    for start, chunk in iter_row_chunks(path, chunk_size, desc="check counts"):
+        _check_counts(chunk, start, path)
+        totals.append(np.asarray(chunk.sum(axis=1), dtype=np.float64).ravel())
+    return np.concatenate(totals)
+
+
+def log_normalize(counts: sp.csr_matrix, totals: np.ndarray, target_sum: float) -> sp.csr_matrix:
+    """log1p(counts / total * target_sum) per row; empty cells stay zero."""
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    out = sp.csr_matrix(counts, dtype=np.float64, copy=True)
+    out.data *= np.repeat(scale, np.diff(out.indptr))
+    out.data = np.log1p(out.data)
+    return out.astype(np.float32)
+
+
+def convert_to_gears(
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    cell_type: str = "K562",
+    control_label: str = "non-targeting",
+    perturbation_column: str = "target_gene",
+    target_sum: float | None = None,
+    chunk_size: int = 10_000,
+) -> ConversionSummary:
+    """Convert a VCC-format h5ad of raw counts into a GEARS-format h5ad (see module doc)."""
+    obs, var = read_annotations(input_path)
+    obs, var = gears_annotations(
+        obs,
+        var,
+        cell_type=cell_type,
+        control_label=control_label,
+        perturbation_column=perturbation_column,
+        path=input_path,
+    )
+    totals = cell_totals(input_path, chunk_size)
+    median_total = float(np.median(totals))
+    if target_sum is None:
+        target_sum = median_total
+    n_empty = int((totals == 0).sum())
+    if n_empty:
+        log.warning("%d cells have no counts; they stay all-zero", n_empty)
+
+    summary = ConversionSummary(
+        n_cells=len(obs),
+        n_genes=len(var),
+        n_control_cells=int((obs["condition"] == GEARS_CONTROL).sum()),
+        n_perturbations=int(obs["condition"].nunique() - 1),
+        target_sum=float(target_sum),
+        median_total_counts=median_total,
+    )
+    uns = {
+        "scgpt_vcc": {
+            **asdict(summary),
+            "normalization": "log1p(counts / cell_total * target_sum)",
+            "control_label": control_label,
+            "perturbation_column": perturbation_column,
+            "cell_type": cell_type,
+        }
+    }
+    with (
+        atomic_path(output_path) as tmp,
+        H5adStreamWriter(tmp, obs, var, uns, layers=("counts",)) as writer,
+    ):
+        for start, counts in iter_row_chunks(input_path, chunk_size, desc="log-normalise"):
+            stop = start + counts.shape[0]
+            normalized = log_normalize(counts, totals[start:stop], target_sum)
+            writer.append(normalized, {"counts": counts.astype(np.float32)})
+    log.info(
+        "converted %d cells x %d genes (%d perturbations, %d control cells), target_sum %.1f",
+        summary.n_cells,
+        summary.n_genes,
+        summary.n_perturbations,
+        summary.n_control_cells,
+        summary.target_sum,
+    )
+    return summary

@@ -1,0 +1,194 @@
+"""File helpers shared by every stage: atomic outputs and streaming h5ad access.
+
+Every output is first written under a temporary name in the destination folder and
+renamed into place only when complete, so a killed job never leaves a file that looks
+finished. Large AnnData files are read and written in row chunks so memory does not
+grow with the number of cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata.io import read_elem, sparse_dataset, write_elem
+from tqdm.auto import tqdm
+
+from scgpt_vcc.errors import InputError
+
+# HDF5 chunk length (elements) for the sparse arrays of a streamed matrix; 1 Mi
+# elements keeps appends cheap without bloating small files.
+H5_CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def open_h5ad(path: str | Path) -> h5py.File:
+    """Open an h5ad file read-only, turning HDF5 failures into an :class:`InputError`."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file", "does not exist", "check the path in the config")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise InputError(
+            path,
+            "file",
+            f"is not a readable HDF5/h5ad file ({err})",
+            "re-download or re-create the file; it may be truncated or corrupt",
+        ) from err
+
+
+def read_annotations(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read ``obs`` and ``var`` of an h5ad file without touching ``X``."""
+    with open_h5ad(path) as f:
+        for key in ("obs", "var", "X"):
+            if key not in f:
+                raise InputError(path, key, "is missing", "write the file with anndata")
+        return read_elem(f["obs"]), read_elem(f["var"])
+
+
+def read_uns(path: str | Path) -> dict[str, Any]:
+    with open_h5ad(path) as f:
+        return read_elem(f["uns"]) if "uns" in f else {}
+
+
+def matrix_shape(path: str | Path, key: str = "X") -> tuple[int, int]:
+    with open_h5ad(path) as f:
+        node = f[key]
+        shape = node.attrs["shape"] if isinstance(node, h5py.Group) else node.shape
+        return int(shape[0]), int(shape[1])
+
+
+def iter_row_chunks(
+    path: str | Path, chunk_size: int, key: str = "X", desc: str | None = None
+) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """Yield ``(start_row, csr_chunk)`` over a matrix of an h5ad file, one chunk in memory.
+
+    ``key`` is ``"X"`` or ``"layers/<name>"``. A dense matrix is read in the same
+    chunks and converted to CSR.
+    """
+    with open_h5ad(path) as f:
+        node = f[key]
+        dense = isinstance(node, h5py.Dataset)
+        n_rows = node.shape[0] if dense else int(node.attrs["shape"][0])
+        matrix = node if dense else sparse_dataset(node)
+        with tqdm(total=n_rows, desc=desc or f"read {Path(path).name}", unit="cells") as bar:
+            for start in range(0, n_rows, chunk_size):
+                stop = min(start + chunk_size, n_rows)
+                block = matrix[start:stop]
+                yield start, sp.csr_matrix(block)
+                bar.update(stop - start)
+
+
+class H5adStreamWriter:
+    """Write an h5ad file whose sparse matrices arrive in row chunks.
+
+    ``obs``, ``var`` and ``uns`` are written up front; :meth:`append` adds rows to ``X``
+    and to any named layers. The result reads back with :func:`anndata.read_h5ad`. Use
+    it on a temporary path (see :func:`atomic_path`): a half-written file is not valid.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        obs: pd.DataFrame,
+        var: pd.DataFrame,
+        uns: Mapping[str, Any] | None = None,
+        layers: tuple[str, ...] = (),
+    ) -> None:
+        self._file = h5py.File(path, "w")
+        self._n_obs = len(obs)
+        self._n_vars = len(var)
+        self._rows = {"X": 0, **{f"layers/{name}": 0 for name in layers}}
+        self._file.attrs["encoding-type"] = "anndata"
+        self._file.attrs["encoding-version"] = "0.1.0"
+        write_elem(self._file, "obs", obs)
+        write_elem(self._file, "var", var)
+        write_elem(self._file, "uns", dict(uns or {}))
+        write_elem(self._file, "layers", {})
+        for group in ("obsm", "varm", "obsp", "varp"):
+            write_elem(self._file, group, {})
+
+    def append(self, x: sp.csr_matrix, layers: Mapping[str, sp.csr_matrix] | None = None) -> None:
+        self._append("X", x)
+        for name, block in (layers or {}).items():
+            self._append(f"layers/{name}", block)
+
+    def _append(self, key: str, block: sp.csr_matrix) -> None:
+        if key not in self._rows:
+            raise KeyError(f"layer {key!r} was not declared when the writer was created")
+        block = sp.csr_matrix(block)
+        if block.shape[1] != self._n_vars:
+            raise ValueError(f"{key}: chunk has {block.shape[1]} columns, expected {self._n_vars}")
+        if self._rows[key] == 0:
+            # int64 row pointers: the full VCC matrix has ~1.7e9 non-zeros, close to 2**31.
+            block.indptr = block.indptr.astype(np.int64)
+            write_elem(self._file, key, block, dataset_kwargs={"chunks": (H5_CHUNK,)})
+        else:
+            sparse_dataset(self._file[key]).append(block)
+        self._rows[key] += block.shape[0]
+
+    def close(self) -> None:
+        incomplete = {k: n for k, n in self._rows.items() if n != self._n_obs}
+        self._file.close()
+        if incomplete:
+            raise ValueError(f"rows written {incomplete} differ from n_obs={self._n_obs}")
+
+    def __enter__(self) -> H5adStreamWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
