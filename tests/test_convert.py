@@ -1,0 +1,151 @@
+"""VCC -> GEARS conversion: mapping, normalisation, streaming, errors, atomicity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+
+from scgpt_vcc.data import convert
+from scgpt_vcc.data.convert import convert_to_gears, gears_conditions
+from scgpt_vcc.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def raw(synthetic_dir: Path) -> ad.AnnData:
+    return ad.read_h5ad(synthetic_dir / "adata.h5ad")
+
+
+@pytest.fixture(scope="module")
+def converted(converted_path: Path) -> ad.AnnData:
+    return ad.read_h5ad(converted_path)
+
+
+def test_condition_mapping() -> None:
+    targets = pd.Series(["TP53", "non-targeting", "MYC"])
+    assert list(gears_conditions(targets, "non-targeting")) == ["TP53+ctrl", "ctrl", "MYC+ctrl"]
+
+
+def test_gears_annotations(raw: ad.AnnData, converted: ad.AnnData) -> None:
+    obs = converted.obs
+    expected = np.where(
+        raw.obs["target_gene"] == "non-targeting",
+        "ctrl",
+        raw.obs["target_gene"].astype(str) + "+ctrl",
+    )
+    assert list(obs["condition"]) == list(expected)
+    assert set(obs["cell_type"]) == {"K562"}
+    for kept in ("target_gene", "guide_id", "batch"):
+        assert list(obs[kept]) == list(raw.obs[kept])
+    assert list(converted.var["gene_name"]) == list(raw.var_names)
+    assert list(converted.var["gene_id"]) == list(raw.var["gene_id"])
+    assert list(converted.obs_names) == list(raw.obs_names)
+
+
+def test_counts_kept_and_x_log_normalised_like_scanpy(
+    raw: ad.AnnData, converted: ad.AnnData
+) -> None:
+    assert isinstance(converted.X, sp.csr_matrix) and converted.X.dtype == np.float32
+    assert isinstance(converted.layers["counts"], sp.csr_matrix)
+    assert (converted.layers["counts"] != raw.X).nnz == 0
+
+    info = converted.uns["scgpt_vcc"]
+    totals = np.asarray(raw.X.sum(axis=1)).ravel()
+    assert info["target_sum"] == pytest.approx(np.median(totals))
+    reference = raw.copy()
+    sc.pp.normalize_total(reference, target_sum=info["target_sum"])
+    sc.pp.log1p(reference)
+    np.testing.assert_allclose(converted.X.toarray(), reference.X.toarray(), atol=1e-5)
+
+
+def test_result_does_not_depend_on_chunk_size(synthetic_dir: Path, tmp_path: Path) -> None:
+    convert_to_gears(synthetic_dir / "adata.h5ad", tmp_path / "a.h5ad", chunk_size=7)
+    convert_to_gears(synthetic_dir / "adata.h5ad", tmp_path / "b.h5ad", chunk_size=100_000)
+    a, b = ad.read_h5ad(tmp_path / "a.h5ad"), ad.read_h5ad(tmp_path / "b.h5ad")
+    assert (a.X != b.X).nnz == 0
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+
+
+def test_explicit_target_sum_and_options(synthetic_dir: Path, tmp_path: Path) -> None:
+    raw = ad.read_h5ad(synthetic_dir / "adata.h5ad")
+    raw.obs = raw.obs.rename(columns={"target_gene": "gene"})
+    raw.obs["gene"] = raw.obs["gene"].astype(str).replace("non-targeting", "NTC")
+    raw.write_h5ad(tmp_path / "renamed.h5ad")
+    summary = convert_to_gears(
+        tmp_path / "renamed.h5ad",
+        tmp_path / "out.h5ad",
+        cell_type="H1",
+        control_label="NTC",
+        perturbation_column="gene",
+        target_sum=1e4,
+    )
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert summary.target_sum == 1e4 and out.uns["scgpt_vcc"]["target_sum"] == 1e4
+    assert set(out.obs["cell_type"]) == {"H1"}
+    assert (out.obs["condition"] == "ctrl").sum() == (raw.obs["gene"] == "NTC").sum()
+    row = np.expm1(out.X[0].toarray()).sum()
+    assert row == pytest.approx(1e4, rel=1e-4)
+
+
+def _write(tmp_path: Path, x: np.ndarray, **obs_columns: list[str]) -> Path:
+    n_cells, n_genes = x.shape
+    obs = pd.DataFrame(
+        obs_columns or {"target_gene": ["non-targeting", "A"] * (n_cells // 2)},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    path = tmp_path / "bad.h5ad"
+    ad.AnnData(
+        sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=[f"G{j}" for j in range(n_genes)])
+    ).write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (np.nan, "NaN or inf"),
+        (-1.0, "negative"),
+        (0.5, "non-integer"),
+    ],
+)
+def test_x_that_is_not_counts_is_refused(tmp_path: Path, values: float, message: str) -> None:
+    x = np.ones((4, 3), dtype=np.float32)
+    x[2, 1] = values
+    with pytest.raises(InputError, match=message) as err:
+        convert_to_gears(_write(tmp_path, x), tmp_path / "out.h5ad")
+    assert "bad.h5ad" in str(err.value) and "Fix:" in str(err.value)
+    assert not (tmp_path / "out.h5ad").exists()
+
+
+def test_missing_column_and_missing_controls(tmp_path: Path) -> None:
+    x = np.ones((4, 3), dtype=np.float32)
+    path = _write(tmp_path, x, perturbation=["A", "B", "A", "B"])
+    with pytest.raises(InputError, match="perturbation_column"):
+        convert_to_gears(path, tmp_path / "out.h5ad")
+    with pytest.raises(InputError, match="control_label"):
+        convert_to_gears(path, tmp_path / "out.h5ad", perturbation_column="perturbation")
+    with pytest.raises(InputError, match="underscore|'_'"):
+        convert_to_gears(path, tmp_path / "out.h5ad", cell_type="K_562")
+
+
+def test_interrupted_conversion_leaves_no_output(
+    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real = convert.log_normalize
+
+    def fail_on_second_chunk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "log_normalize", fail_on_second_chunk)
+    with pytest.raises(OSError, match="No space"):
+        convert_to_gears(synthetic_dir / "adata.h5ad", tmp_path / "out.h5ad", chunk_size=500)
+    assert list(tmp_path.iterdir()) == []
