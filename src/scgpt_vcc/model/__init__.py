@@ -1,0 +1,14 @@
+"""scGPT perturbation model (own implementation of scgpt's TransformerGenerator) and I/O."""
+
+from scgpt_vcc.model.checkpoint import load_model, save_checkpoint, write_random_checkpoint
+from scgpt_vcc.model.transformer import TransformerGenerator
+from scgpt_vcc.model.vocab import VocabMatch, match_genes
+
+__all__ = [
+    "TransformerGenerator",
+    "VocabMatch",
+    "load_model",
+    "match_genes",
+    "save_checkpoint",
+    "write_random_checkpoint",
+]
