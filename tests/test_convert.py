@@ -149,3 +149,70 @@ def test_interrupted_conversion_leaves_no_output(
     with pytest.raises(OSError, match="No space"):
         convert_to_gears(synthetic_dir / "adata.h5ad", tmp_path / "out.h5ad", chunk_size=500)
     assert list(tmp_path.iterdir()) == []
+
+
+def _tiny(n_cells: int = 4, n_genes: int = 3) -> ad.AnnData:
+    x = np.arange(1, n_cells * n_genes + 1, dtype=np.float32).reshape(n_cells, n_genes)
+    obs = pd.DataFrame(
+        {"target_gene": ["non-targeting", "G1"] * (n_cells // 2)},
+        index=[f"c{i}" for i in range(n_cells)],
+    )
+    return ad.AnnData(sp.csr_matrix(x), obs=obs, var=pd.DataFrame(index=["G0", "G1", "G2"]))
+
+
+@pytest.mark.parametrize(
+    "make_x",
+    [
+        lambda x: x.toarray(),  # dense
+        lambda x: x.astype(np.float64),
+        lambda x: x.astype(np.int32),
+    ],
+    ids=["dense", "float64", "int32"],
+)
+def test_valid_count_layouts_are_accepted(tmp_path: Path, make_x) -> None:  # type: ignore[no-untyped-def]
+    adata = _tiny()
+    expected = adata.X.toarray()
+    adata.X = make_x(adata.X)
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    convert_to_gears(tmp_path / "in.h5ad", tmp_path / "out.h5ad")
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert isinstance(out.X, sp.csr_matrix) and out.X.dtype == np.float32
+    np.testing.assert_array_equal(out.layers["counts"].toarray(), expected)
+
+
+def test_ensembl_ids_use_symbol_column_or_are_refused(tmp_path: Path) -> None:
+    adata = _tiny()
+    adata.var_names = ["ENSG00000000001", "ENSG00000000002", "ENSG00000000003"]
+    adata.write_h5ad(tmp_path / "no_symbols.h5ad")
+    with pytest.raises(InputError, match="Ensembl"):
+        convert_to_gears(tmp_path / "no_symbols.h5ad", tmp_path / "out.h5ad")
+
+    adata.var["gene_symbols"] = ["G0", "G1", "G2"]
+    adata.write_h5ad(tmp_path / "symbols.h5ad")
+    convert_to_gears(tmp_path / "symbols.h5ad", tmp_path / "out.h5ad")
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert list(out.var_names) == ["G0", "G1", "G2"] == list(out.var["gene_name"])
+    assert out.var["gene_id"].iloc[0] == "ENSG00000000001"
+
+
+def test_duplicate_genes_and_barcodes_are_refused(tmp_path: Path) -> None:
+    adata = _tiny()
+    adata.var_names = ["G0", "G1", "G1"]
+    adata.write_h5ad(tmp_path / "genes.h5ad")
+    with pytest.raises(InputError, match=r"var\.index.*duplicated gene names \['G1'\]"):
+        convert_to_gears(tmp_path / "genes.h5ad", tmp_path / "out.h5ad")
+    adata = _tiny()
+    adata.obs_names = ["c0", "c1", "c1", "c3"]
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    with pytest.raises(InputError, match=r"obs\.index.*duplicated cell barcodes"):
+        convert_to_gears(tmp_path / "cells.h5ad", tmp_path / "out.h5ad")
+
+
+def test_missing_and_truncated_inputs_are_named(tmp_path: Path, synthetic_dir: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        convert_to_gears(tmp_path / "absent.h5ad", tmp_path / "out.h5ad")
+    data = (synthetic_dir / "adata.h5ad").read_bytes()
+    (tmp_path / "truncated.h5ad").write_bytes(data[: len(data) // 3])
+    with pytest.raises(InputError, match="truncated.h5ad.*truncated or corrupt"):
+        convert_to_gears(tmp_path / "truncated.h5ad", tmp_path / "out.h5ad")
+    assert not (tmp_path / "out.h5ad").exists()

@@ -88,13 +88,30 @@ def open_h5ad(path: str | Path) -> h5py.File:
         ) from err
 
 
+@contextlib.contextmanager
+def _reading(path: str | Path, field: str) -> Iterator[None]:
+    """Turn low-level read failures of ``field`` into an :class:`InputError`."""
+    try:
+        yield
+    except (OSError, KeyError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(
+            path,
+            field,
+            f"cannot be read ({type(err).__name__}: {err})",
+            "re-download or re-create the file; it may be truncated or corrupt",
+        ) from err
+
+
 def read_annotations(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read ``obs`` and ``var`` of an h5ad file without touching ``X``."""
     with open_h5ad(path) as f:
         for key in ("obs", "var", "X"):
             if key not in f:
                 raise InputError(path, key, "is missing", "write the file with anndata")
-        return read_elem(f["obs"]), read_elem(f["var"])
+        with _reading(path, "obs/var"):
+            return read_elem(f["obs"]), read_elem(f["var"])
 
 
 def read_uns(path: str | Path) -> dict[str, Any]:
@@ -125,8 +142,9 @@ def iter_row_chunks(
         with tqdm(total=n_rows, desc=desc or f"read {Path(path).name}", unit="cells") as bar:
             for start in range(0, n_rows, chunk_size):
                 stop = min(start + chunk_size, n_rows)
-                block = matrix[start:stop]
-                yield start, sp.csr_matrix(block)
+                with _reading(path, f"{key} rows {start}-{stop}"):
+                    block = sp.csr_matrix(matrix[start:stop])
+                yield start, block
                 bar.update(stop - start)
 
 

@@ -51,6 +51,56 @@ def gears_conditions(targets: pd.Series, control_label: str) -> pd.Categorical:
     return pd.Categorical(conditions)
 
 
+# var columns that hold gene symbols in common h5ad files, in order of preference.
+SYMBOL_COLUMNS = ("gene_name", "gene_symbol", "gene_symbols", "feature_name", "symbol")
+
+
+def gene_symbols(var: pd.DataFrame, path: str | Path) -> pd.Index:
+    """Gene symbols of ``var``: its index, or a symbol column when the index is Ensembl IDs."""
+    index = var.index.astype(str)
+    if not index.str.match(r"^ENS[A-Z]*G\d+").mean() > 0.5:
+        return pd.Index(index)
+    for column in SYMBOL_COLUMNS:
+        if column in var:
+            log.info("var.index holds Ensembl IDs; using var[%r] as gene symbols", column)
+            return pd.Index(var[column].astype(str))
+    raise InputError(
+        path,
+        "var.index",
+        "holds Ensembl gene IDs, not gene symbols, and no symbol column "
+        f"({', '.join(SYMBOL_COLUMNS)}) exists",
+        "add a var column 'gene_name' with the symbols (scGPT and GEARS match genes by symbol)",
+    )
+
+
+def _check_unique(index: pd.Index, field: str, what: str, path: str | Path) -> None:
+    if index.has_duplicates:
+        dups = index[index.duplicated()].unique()[:5].tolist()
+        raise InputError(path, field, f"duplicated {what} {dups}", f"make the {what} unique")
+
+
+def _perturbation_targets(
+    obs: pd.DataFrame, perturbation_column: str, control_label: str, path: str | Path
+) -> pd.Series:
+    if perturbation_column not in obs:
+        raise InputError(
+            path,
+            f"obs[{perturbation_column!r}]",
+            f"no such column (columns: {list(obs.columns)})",
+            "set perturbation_column in the config to the column naming the targeted gene",
+        )
+    targets = obs[perturbation_column].astype(str)
+    if not (targets == control_label).any():
+        labels = targets.value_counts().index[:5].tolist()
+        raise InputError(
+            path,
+            f"obs[{perturbation_column!r}]",
+            f"no cell has the control label {control_label!r} (most frequent values: {labels})",
+            "set control_label in the config to the value that marks control cells",
+        )
+    return targets
+
+
 def gears_annotations(
     obs: pd.DataFrame,
     var: pd.DataFrame,
@@ -68,39 +118,27 @@ def gears_annotations(
             f"{cell_type!r} contains '_'",
             "choose a label without underscores; GEARS splits its keys on '_'",
         )
-    if perturbation_column not in obs:
-        raise InputError(
-            path,
-            f"obs[{perturbation_column!r}]",
-            f"no such column (columns: {list(obs.columns)})",
-            "set perturbation_column in the config to the column naming the targeted gene",
-        )
-    targets = obs[perturbation_column].astype(str)
-    n_control = int((targets == control_label).sum())
-    if n_control == 0:
-        labels = targets.value_counts().index[:5].tolist()
-        raise InputError(
-            path,
-            f"obs[{perturbation_column!r}]",
-            f"no cell has the control label {control_label!r} (most frequent values: {labels})",
-            "set control_label in the config to the value that marks control cells",
-        )
-    if var.index.has_duplicates:
-        dups = var.index[var.index.duplicated()].unique()[:5].tolist()
-        raise InputError(
-            path, "var.index", f"duplicated gene names {dups}", "make gene names unique"
-        )
-    if obs.index.has_duplicates:
-        dups = obs.index[obs.index.duplicated()].unique()[:5].tolist()
-        raise InputError(
-            path, "obs.index", f"duplicated cell barcodes {dups}", "make barcodes unique"
+    targets = _perturbation_targets(obs, perturbation_column, control_label, path)
+    symbols = gene_symbols(var, path)
+    _check_unique(symbols, "var.index", "gene names", path)
+    _check_unique(obs.index, "obs.index", "cell barcodes", path)
+    unmeasured = sorted(set(targets) - {control_label} - set(symbols))
+    if unmeasured:
+        log.warning(
+            "%d target genes are not among the measured genes (no knockdown can be read "
+            "from the data for them): %s",
+            len(unmeasured),
+            unmeasured[:20],
         )
 
     obs = obs.copy()
     obs["condition"] = gears_conditions(targets, control_label)
     obs["cell_type"] = pd.Categorical([cell_type] * len(obs))
     var = var.copy()
-    var["gene_name"] = var.index.astype(str)
+    if not symbols.equals(var.index.astype(str)) and "gene_id" not in var:
+        var["gene_id"] = var.index.astype(str)
+    var.index = symbols
+    var["gene_name"] = symbols
     return obs, var
 
 
