@@ -90,10 +90,15 @@ def open_h5ad(path: str | Path) -> h5py.File:
 
 @contextlib.contextmanager
 def _reading(path: str | Path, field: str) -> Iterator[None]:
-    """Turn low-level read failures of ``field`` into an :class:`InputError`."""
+    """Turn low-level read failures of ``field`` into an :class:`InputError`.
+
+    h5py and anndata raise many exception types on a corrupt file (OSError, RuntimeError,
+    KeyError, anndata's IORegistryError, ...; found by tests/test_convert_corruption.py), so
+    any failure while reading the user's file is reported as that file being unreadable.
+    """
     try:
         yield
-    except (OSError, KeyError, ValueError) as err:
+    except Exception as err:
         if isinstance(err, InputError):
             raise
         raise InputError(
@@ -106,12 +111,11 @@ def _reading(path: str | Path, field: str) -> Iterator[None]:
 
 def read_annotations(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read ``obs`` and ``var`` of an h5ad file without touching ``X``."""
-    with open_h5ad(path) as f:
+    with open_h5ad(path) as f, _reading(path, "obs/var"):
         for key in ("obs", "var", "X"):
             if key not in f:
                 raise InputError(path, key, "is missing", "write the file with anndata")
-        with _reading(path, "obs/var"):
-            return read_elem(f["obs"]), read_elem(f["var"])
+        return read_elem(f["obs"]), read_elem(f["var"])
 
 
 def read_uns(path: str | Path) -> dict[str, Any]:
@@ -135,10 +139,11 @@ def iter_row_chunks(
     chunks and converted to CSR.
     """
     with open_h5ad(path) as f:
-        node = f[key]
-        dense = isinstance(node, h5py.Dataset)
-        n_rows = node.shape[0] if dense else int(node.attrs["shape"][0])
-        matrix = node if dense else sparse_dataset(node)
+        with _reading(path, key):
+            node = f[key]
+            dense = isinstance(node, h5py.Dataset)
+            n_rows = node.shape[0] if dense else int(node.attrs["shape"][0])
+            matrix = node if dense else sparse_dataset(node)
         with tqdm(total=n_rows, desc=desc or f"read {Path(path).name}", unit="cells") as bar:
             for start in range(0, n_rows, chunk_size):
                 stop = min(start + chunk_size, n_rows)
