@@ -38,6 +38,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # A job killed with SIGKILL cannot clean up; its stale temporary goes on the next run.
+    for stale in final.parent.glob(f".{final.name}.tmp*"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
     try:
         yield tmp

@@ -1,0 +1,81 @@
+"""Atomic outputs and streamed h5ad files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from scgpt_vcc.io import H5adStreamWriter, atomic_path, iter_row_chunks
+
+
+def test_atomic_path_keeps_old_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_stale_temporary_of_a_killed_writer_is_removed(tmp_path: Path) -> None:
+    target = tmp_path / "big.h5ad"
+    script = (
+        "import time, sys\n"
+        "from scgpt_vcc.io import atomic_path\n"
+        f"with atomic_path({str(target)!r}) as tmp:\n"
+        "    tmp.write_bytes(b'x' * 1000)\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    leftovers = list(tmp_path.iterdir())
+    assert not target.exists() and len(leftovers) == 1 and leftovers[0].name.startswith(".big")
+
+    with atomic_path(target) as tmp:
+        tmp.write_text("complete")
+    assert target.read_text() == "complete"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_stream_writer_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    blocks = [
+        sp.random(n, 5, density=0.4, format="csr", dtype=np.float32, random_state=rng)
+        for n in (3, 4, 2)
+    ]
+    obs = pd.DataFrame(
+        {"group": pd.Categorical(list("abcabcabc"))}, index=[f"c{i}" for i in range(9)]
+    )
+    var = pd.DataFrame(index=[f"g{j}" for j in range(5)])
+    with H5adStreamWriter(tmp_path / "x.h5ad", obs, var, {"k": 1}, layers=("counts",)) as writer:
+        for block in blocks:
+            writer.append(block, {"counts": block * 2})
+    adata = ad.read_h5ad(tmp_path / "x.h5ad")
+    expected = sp.vstack(blocks).toarray()
+    np.testing.assert_array_equal(adata.X.toarray(), expected)
+    np.testing.assert_array_equal(adata.layers["counts"].toarray(), 2 * expected)
+    assert adata.uns["k"] == 1 and list(adata.obs["group"]) == list("abcabcabc")
+    chunks = list(iter_row_chunks(tmp_path / "x.h5ad", 4, key="layers/counts"))
+    assert [start for start, _ in chunks] == [0, 4, 8]
+    np.testing.assert_array_equal(sp.vstack([c for _, c in chunks]).toarray(), 2 * expected)
+
+
+def test_stream_writer_refuses_incomplete_matrix(tmp_path: Path) -> None:
+    obs = pd.DataFrame(index=["a", "b"])
+    var = pd.DataFrame(index=["g"])
+    with pytest.raises(ValueError, match="rows written"):
+        with H5adStreamWriter(tmp_path / "x.h5ad", obs, var) as writer:
+            writer.append(sp.csr_matrix(np.ones((1, 1), dtype=np.float32)))
