@@ -1,0 +1,1 @@
+"""Finetuning of scGPT's perturbation model: lazy batches, training loop, multi-process set-up."""

@@ -1,0 +1,185 @@
+"""Finetuning loop: OOM fallback, precision choice, loss goes down, outputs load, resume, DDP."""
+
+# ruff: noqa: F811  (pytest fixtures imported from tests.train_support)
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from scgpt_vcc.errors import InputError
+from scgpt_vcc.model.checkpoint import DEFAULT_LOAD_PREFIXES, load_model, read_state_dict
+from scgpt_vcc.model.transformer import TransformerGenerator
+from scgpt_vcc.train.config import LOAD_PREFIXES, TrainConfig
+from scgpt_vcc.train.loop import finetune, fit_micro_batch, resolve_precision
+from tests.train_support import train_cells, train_inputs  # noqa: F401
+
+CLI = str(Path(sys.executable).with_name("scgpt-vcc"))
+FAST = {"max_seq_len": 128, "workers": 0, "batch_size": 16, "accumulation": 2}
+
+
+def test_load_prefixes_default_matches_the_model_package():
+    assert LOAD_PREFIXES == DEFAULT_LOAD_PREFIXES
+
+
+def test_oom_halves_micro_batch_and_doubles_accumulation(caplog):
+    tried = []
+
+    def try_step(micro: int) -> None:
+        tried.append(micro)
+        if micro > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    with caplog.at_level(logging.WARNING):
+        assert fit_micro_batch(try_step, 64, 1) == (16, 4)
+    assert tried == [64, 32, 16]
+    assert "retrying with micro-batch 16 and accumulation 4" in caplog.text
+
+    def never_fits(micro: int) -> None:
+        raise torch.OutOfMemoryError("injected")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        fit_micro_batch(never_fits, 4, 1)
+    with pytest.raises(InputError, match="cannot be halved"):
+        fit_micro_batch(never_fits, 48, 1)
+
+
+def test_precision_follows_device_and_config():
+    cpu = torch.device("cpu")
+    assert resolve_precision(TrainConfig(), cpu) is None  # off on CPU unless asked
+    assert resolve_precision(TrainConfig(precision="bf16"), cpu) is None  # a GPU setting
+    assert resolve_precision(TrainConfig(cpu_amp=True), cpu) is torch.bfloat16
+    assert resolve_precision(TrainConfig(cpu_amp=True, amp=False), cpu) is None
+
+
+def test_finetune_lowers_training_loss_and_writes_loadable_outputs(train_inputs, tmp_path):
+    cfg = TrainConfig(epochs=3, **FAST)
+    out = finetune(
+        train_inputs["data"],
+        train_inputs["pairing"],
+        train_inputs["checkpoint"],
+        tmp_path / "model",
+        cfg,
+        split=train_inputs["split"],
+    )
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3]
+    assert metrics["train_loss"].iloc[-1] < 0.8 * metrics["train_loss"].iloc[0]
+    assert metrics["val_pearson_delta"].notna().all()  # validation set -> Pearson-delta
+    for name in ("best_model.pt", "args.json", "vocab.json", "loss_curve.png", "steps.csv"):
+        assert (out / name).stat().st_size > 0
+    assert not (out / "resume").exists()
+    log = (out / "run.log").read_text()
+    assert "batch_size 16, accumulation 2, effective batch 32" in log
+    assert "device cpu" in log and "selection on val_pearson_delta" in log
+
+    model = load_model(out, load_prefixes=None)
+    best = metrics.loc[metrics["best"], "epoch"].iloc[-1]
+    assert best == metrics["val_pearson_delta"].idxmax() + 1
+    saved = read_state_dict(out / "best_model.pt")
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_oom_at_start_keeps_the_effective_batch(train_inputs, tmp_path, monkeypatch):
+    forward = TransformerGenerator.forward
+
+    def small_memory(self, gene_ids, *args, **kwargs):
+        if gene_ids.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(self, gene_ids, *args, **kwargs)
+
+    monkeypatch.setattr(TransformerGenerator, "forward", small_memory)
+    cfg = TrainConfig(epochs=1, max_steps=2, **FAST)  # the set-up is what is checked
+    out = finetune(
+        train_inputs["data"],
+        train_inputs["pairing"],
+        train_inputs["checkpoint"],
+        tmp_path / "model",
+        cfg,
+        split=train_inputs["split_noval"],
+    )
+    log = (out / "run.log").read_text()
+    assert "retrying with micro-batch 8 and accumulation 4" in log
+    assert "batch_size 4, accumulation 8, effective batch 32" in log
+    assert "selection on train_loss" in log
+
+
+def _cli_args(inputs: dict, outdir: Path, *extra: str) -> list[str]:
+    return [
+        CLI,
+        "finetune",
+        "--data", str(inputs["data"]),
+        "--pairing", str(inputs["pairing"]),
+        "--checkpoint-dir", str(inputs["checkpoint"]),
+        "--split", str(inputs["split_noval"]),
+        "--outdir", str(outdir),
+        "--max-seq-len", "64",
+        "--workers", "0",
+        "--threads", "1",
+        "--dropout", "0.1",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_model(train_inputs, tmp_path):
+    settings = ["--epochs", "2", "--batch-size", "16", "--checkpoint-every-steps", "5"]
+    subprocess.run(_cli_args(train_inputs, tmp_path / "whole", *settings), check=True)
+
+    killed = tmp_path / "killed"
+    state = killed / "resume" / "state.pt"
+    proc = subprocess.Popen(_cli_args(train_inputs, killed, *settings), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    # Kill after the first mid-epoch checkpoint of epoch 2.
+    while proc.poll() is None and time.monotonic() < deadline:
+        if state.exists() and (killed / "metrics.csv").exists():
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (killed / "best_model.pt").exists()
+
+    subprocess.run(_cli_args(train_inputs, killed, *settings), check=True)
+    assert "resuming from" in (killed / "run.log").read_text()
+    whole = read_state_dict(tmp_path / "whole" / "best_model.pt")
+    resumed = read_state_dict(killed / "best_model.pt")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "whole" / "steps.csv"), pd.read_csv(killed / "steps.csv")
+    )
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_follow_the_single_process_loss_curve(train_inputs, tmp_path):
+    base = ["--epochs", "1", "--dropout", "0"]
+    single = _cli_args(train_inputs, tmp_path / "one", *base, "--batch-size", "8",
+                       "--accumulation", "2")  # fmt: skip
+    subprocess.run(single, check=True)
+    torchrun = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        *_cli_args(train_inputs, tmp_path / "two", *base, "--batch-size", "8",
+                   "--accumulation", "1", "--device", "cpu"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(torchrun, check=True, env=env)
+    one = pd.read_csv(tmp_path / "one" / "steps.csv")
+    two = pd.read_csv(tmp_path / "two" / "steps.csv")
+    assert len(one) == len(two) > 10
+    pd.testing.assert_series_equal(one["loss"], two["loss"], rtol=1e-4)
+    log = (tmp_path / "two" / "run.log").read_text()
+    assert "processes 2" in log and "effective batch 16 (= 8 x 1 x 2 processes)" in log
+    a = read_state_dict(tmp_path / "one" / "best_model.pt")
+    b = read_state_dict(tmp_path / "two" / "best_model.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

@@ -1,0 +1,53 @@
+"""Fixtures for the finetuning tests: a small GEARS-format dataset, pairing, split, checkpoint.
+
+Imported by the ``test_train*`` modules; the data come from the shared ``converted_path``
+fixture (converted.h5ad has everything the training reads from perturb_processed.h5ad).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from scgpt_vcc.data.pairing import write_pairing
+from scgpt_vcc.io import read_annotations
+from scgpt_vcc.model.checkpoint import read_vocab, write_random_checkpoint
+from scgpt_vcc.model.vocab import match_genes
+from scgpt_vcc.train.batches import PerturbationCells
+
+
+@pytest.fixture(scope="session")
+def train_inputs(converted_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Paths: data, pairing, checkpoint (tiny random scGPT), split (with val), split_noval."""
+    out = tmp_path_factory.mktemp("train_inputs")
+    write_pairing(converted_path, out / "pairing_seed1.npz", seed=1)
+    obs, var = read_annotations(converted_path)
+    write_random_checkpoint(
+        out / "checkpoint", list(var.index), embsize=32, nlayers=2, nheads=4, d_hid=32, seed=2
+    )
+    conditions = sorted(set(obs["condition"].astype(str)) - {"ctrl"})
+    splits = {
+        "split": {"train": ["ctrl", *conditions[:-3]], "val": conditions[-3:], "test": []},
+        "split_noval": {"train": ["ctrl", *conditions]},
+    }
+    for name, split in splits.items():
+        with (out / f"{name}.pkl").open("wb") as fh:
+            pickle.dump(split, fh)
+    return {
+        "data": converted_path,
+        "pairing": out / "pairing_seed1.npz",
+        "checkpoint": out / "checkpoint",
+        "split": out / "split.pkl",
+        "split_noval": out / "split_noval.pkl",
+    }
+
+
+@pytest.fixture(scope="session")
+def train_cells(train_inputs: dict) -> PerturbationCells:
+    _, var = read_annotations(train_inputs["data"])
+    vocab = read_vocab(train_inputs["checkpoint"] / "vocab.json")
+    return PerturbationCells(
+        train_inputs["data"], train_inputs["pairing"], match_genes(list(var.index), vocab)
+    )
