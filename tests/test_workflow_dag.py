@@ -1,0 +1,118 @@
+"""Dry runs and reruns: what Snakemake plans with each profile and after each kind of change.
+
+Expected rerun sets come from Snakemake itself: ``--forcerun RULE`` on an unchanged finished run
+plans RULE and everything downstream of it, which is exactly what a change to RULE must rerun.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_workflow, run_snakemake, write_tiny_config
+from tests.dag_support import plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rules(jobs) -> list[str]:
+    return sorted(job.rule for job in jobs)
+
+
+@pytest.mark.parametrize("profile", ["local", "slurm"])
+def test_dry_run_plans_full_dag_with_a_reason_per_job(tmp_path: Path, profile: str) -> None:
+    workdir = copy_workflow(tmp_path)
+    config = write_tiny_config(workdir)
+    without_profile = plan(workdir, "--configfile", config)
+    jobs = plan(workdir, "--profile", f"profiles/{profile}", "--configfile", config)
+    assert rules(jobs) == rules(without_profile)
+    assert {"make_synthetic_dataset", "convert_to_gears", "compute_de"} <= set(rules(jobs))
+    for job in jobs:
+        assert job.reason, f"{job.rule} has no reason"
+
+
+def test_profile_gpu_type_must_match_the_gpu_class(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path)
+    config = write_tiny_config(workdir)
+    args = ("-n", "--profile", "profiles/slurm", "--configfile", config)
+    pinned = ("--set-resources", "finetune:gpu_model=titanrtx")
+    refused = run_snakemake(workdir, *args, *pinned, check=False)
+    assert refused.returncode != 0
+    assert "gpu_class" in refused.stdout + refused.stderr
+    run_snakemake(workdir, *args, *pinned, "--config", "gpu_class=titanrtx")
+    unknown = run_snakemake(workdir, *args, "--config", "gpu_class=h100", check=False)
+    assert unknown.returncode != 0 and "gpu_classes" in unknown.stdout + unknown.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo run to the end once (local executor); tests work on copies of it."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("finished"))
+    run_snakemake(workdir, "--configfile", write_tiny_config(workdir))
+    return workdir
+
+
+@pytest.fixture
+def finished_copy(finished_demo: Path, tmp_path: Path) -> Path:
+    # copytree keeps modification times, so the copy is as up to date as the original.
+    return Path(shutil.copytree(finished_demo, tmp_path / "run", symlinks=True))
+
+
+def test_second_run_does_nothing(finished_copy: Path) -> None:
+    out = run_snakemake(finished_copy, "-n", "--configfile", "config/tiny.yaml").stdout
+    assert "Nothing to be done" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("rule", "overrides"),
+    [
+        ("compute_de", {"gears": {"chunk_size": 123}}),
+        ("finetune", {"train": {"lr": 0.0003}}),
+        ("finetune", {"gpu_class": "titanrtx"}),
+    ],
+    ids=["de-chunk-size", "learning-rate", "gpu-class"],
+)
+def test_param_change_reruns_the_rule_and_what_follows(
+    finished_copy: Path, rule: str, overrides: dict
+) -> None:
+    expected = plan(finished_copy, "--configfile", "config/tiny.yaml", "--forcerun", rule)
+    assert rule in rules(expected)
+    config = write_tiny_config(finished_copy, **overrides)
+    jobs = plan(finished_copy, "--configfile", config)
+    assert rules(jobs) == rules(expected)
+    assert "params" in next(j for j in jobs if j.rule == rule).reason.lower()
+
+
+@pytest.mark.slow
+def test_replacing_the_raw_input_reruns_everything(finished_copy: Path) -> None:
+    everything = plan(finished_copy, "--configfile", "config/tiny.yaml", "--forceall")
+    raw = finished_copy / "resources/demo/adata_Training.h5ad"
+    new = finished_copy / "new_release.h5ad"
+    cli = str(Path(sys.executable).with_name("scgpt-vcc"))
+    subprocess.run(
+        [cli, "make-synthetic-dataset", "--gene-list", "resources/reference/vcc_gene_names.csv",
+         "--out-adata", str(new), "--out-validation-counts", str(finished_copy / "v.csv"),
+         "--out-gene-names", str(finished_copy / "g.csv"), "--n-cells", "600",
+         "--n-genes", "300", "--n-perturbations", "8", "--n-validation-perturbations", "3",
+         "--seed", "7"],
+        cwd=finished_copy, check=True, capture_output=True,
+    )  # fmt: skip
+    os.replace(new, raw)
+    jobs = plan(finished_copy, "--configfile", "config/tiny.yaml")
+    generated = {"make_synthetic_dataset", "make_synthetic_checkpoint"}
+    assert rules(jobs) == [r for r in rules(everything) if r not in generated]
+
+
+def test_lint_and_snakefmt_are_clean(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path)
+    lint = run_snakemake(workdir, "--lint", "--configfile", "config/demo.yaml", check=False)
+    assert lint.returncode == 0, lint.stdout[-4000:] + lint.stderr[-4000:]
+    snakefmt = str(Path(sys.executable).with_name("snakefmt"))
+    fmt = subprocess.run([snakefmt, "--check", "workflow"], cwd=REPO, capture_output=True)
+    assert fmt.returncode == 0, fmt.stderr.decode()[-4000:]
