@@ -1,0 +1,135 @@
+"""Data report of the GEARS-format dataset: ``qc/qc.json`` and PNG plots.
+
+Everything comes from the per-condition statistics of ``compute-de`` (no pass over X):
+cells per perturbation, knockdown of each target (mean log1p expression of the target
+in its perturbed cells against control; 1 - ratio, so 0.8 = 80% lower), how many genes
+the pretrained vocabulary knows, targets that are not measured genes and perturbations
+with fewer cells than ``min_cells``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scgpt_vcc.data.de import CONTROL, load_stats  # noqa: E402
+from scgpt_vcc.errors import InputError  # noqa: E402
+from scgpt_vcc.io import atomic_path, write_json_atomic  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def read_vocab(path: str | Path) -> set[str]:
+    path = Path(path)
+    try:
+        return set(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(
+            path, "file", f"is not a readable vocab.json ({err})", "check pretrained_dir"
+        ) from err
+
+
+def knockdown_table(stats: dict[str, np.ndarray]) -> dict[str, dict[str, float | None]]:
+    """Per single-gene perturbation: target mean in perturbed and control cells."""
+    genes = {g: i for i, g in enumerate(stats["genes"].tolist())}
+    conditions = stats["conditions"].tolist()
+    ctrl = conditions.index(CONTROL)
+    table = {}
+    for row, cond in enumerate(conditions):
+        target = cond.split("+")[0]
+        if cond == CONTROL or target not in genes:
+            continue
+        g = genes[target]
+        pert, base = float(stats["mean"][row, g]), float(stats["mean"][ctrl, g])
+        table[cond] = {
+            "target_mean_perturbed": pert,
+            "target_mean_control": base,
+            "knockdown": 1 - pert / base if base > 0 else None,
+        }
+    return table
+
+
+def qc_report(stats_path: str | Path, vocab_path: str | Path, min_cells: int) -> dict[str, Any]:
+    stats = load_stats(stats_path)
+    conditions = stats["conditions"].tolist()
+    n_cells = dict(zip(conditions, stats["n_cells"].tolist(), strict=True))
+    genes = stats["genes"].tolist()
+    vocab = read_vocab(vocab_path)
+    unmatched = [g for g in genes if g not in vocab]
+    gene_set = set(genes)
+    targets = sorted({g for c in conditions if c != CONTROL for g in c.split("+") if g != CONTROL})
+    return {
+        "n_cells": int(sum(n_cells.values())),
+        "n_control_cells": int(n_cells.get(CONTROL, 0)),
+        "n_perturbations": len(conditions) - (CONTROL in n_cells),
+        "cells_per_perturbation": {c: n for c, n in n_cells.items() if c != CONTROL},
+        "knockdown": knockdown_table(stats),
+        "vocab": {
+            "n_genes": len(genes),
+            "n_matched": len(genes) - len(unmatched),
+            "percent_matched": 100 * (len(genes) - len(unmatched)) / max(len(genes), 1),
+            "unmatched": unmatched,
+        },
+        "targets_not_measured": [t for t in targets if t not in gene_set],
+        "min_cells": min_cells,
+        "below_min_cells": {c: n for c, n in n_cells.items() if c != CONTROL and n < min_cells},
+    }
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_cells(report: dict[str, Any], path: Path) -> None:
+    counts = sorted(report["cells_per_perturbation"].values())
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(range(len(counts)), counts, width=1.0, color="tab:blue")
+    ax.axhline(
+        report["min_cells"], color="tab:red", ls="--", label=f"min_cells = {report['min_cells']}"
+    )
+    ax.set(xlabel="perturbation (sorted)", ylabel="cells", title="Cells per perturbation")
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_knockdown(report: dict[str, Any], path: Path) -> None:
+    values = sorted(
+        v["knockdown"] for v in report["knockdown"].values() if v["knockdown"] is not None
+    )
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(range(len(values)), values, width=1.0, color="tab:green")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(
+        xlabel="perturbation (sorted)",
+        ylabel="1 - target mean / control mean",
+        title="Knockdown of the target gene (log1p expression)",
+    )
+    _save(fig, path)
+
+
+def write_qc(
+    stats_path: str | Path, vocab_path: str | Path, outdir: str | Path, min_cells: int
+) -> None:
+    """Write ``qc.json``, ``cells_per_perturbation.png`` and ``knockdown.png``."""
+    outdir = Path(outdir)
+    report = qc_report(stats_path, vocab_path, min_cells)
+    plot_cells(report, outdir / "cells_per_perturbation.png")
+    plot_knockdown(report, outdir / "knockdown.png")
+    write_json_atomic(outdir / "qc.json", report)
+    log.info(
+        "QC: %d perturbations, %.1f%% genes in vocab, %d below %d cells",
+        report["n_perturbations"],
+        report["vocab"]["percent_matched"],
+        len(report["below_min_cells"]),
+        min_cells,
+    )

@@ -1,0 +1,143 @@
+# GEARS processing: DE genes, control pairing, GO filter, cell graphs, splits and QC.
+# Everything lands in GEARS's own layout under results/gears/{dataset}/.
+
+
+rule compute_de:
+    input:
+        adata=f"{GEARS_DIR}/converted.h5ad",
+    output:
+        adata=f"{GEARS_DIR}/perturb_processed.h5ad",
+        stats=f"{GEARS_DIR}/condition_stats.npz",
+    log:
+        f"logs/{DATASET}/compute_de.log",
+    benchmark:
+        f"benchmarks/{DATASET}/compute_de.tsv"
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    params:
+        options=cli_options(chunk_size=GEARS_CFG["chunk_size"]),
+    shell:
+        "scgpt-vcc compute-de {input.adata} {output.adata} --stats {output.stats} "
+        "{params.options} 2> {log}"
+
+
+rule download_gears_go:
+    output:
+        gene2go=f"{GEARS_CFG['go_dir']}/gene2go_all.pkl",
+        essential=f"{GEARS_CFG['go_dir']}/essential_all_data_pert_genes.pkl",
+    log:
+        "logs/download_gears_go.log",
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    params:
+        outdir=lambda w, output: Path(output.gene2go).parent,
+    shell:
+        "scgpt-vcc download-gears-go {params.outdir} 2> {log}"
+
+
+rule go_filter:
+    input:
+        adata=f"{GEARS_DIR}/perturb_processed.h5ad",
+        go=go_inputs(),
+    output:
+        report=f"{GEARS_DIR}/go_filter.json",
+    log:
+        f"logs/{DATASET}/go_filter.log",
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    params:
+        options=cli_options(
+            gears_dir=GEARS_CFG["go_dir"] if GEARS_CFG["go_filter"] else None
+        ),
+    shell:
+        "scgpt-vcc go-filter {input.adata} {output.report} {params.options} 2> {log}"
+
+
+rule pair_controls:
+    input:
+        adata=f"{GEARS_DIR}/perturb_processed.h5ad",
+    output:
+        pairing=f"{GEARS_DIR}/data_pyg/pairing_seed{{seed}}.npz",
+    log:
+        f"logs/{DATASET}/pair_controls_seed{{seed}}.log",
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    shell:
+        "scgpt-vcc pair-controls {input.adata} {output.pairing} --seed {wildcards.seed} 2> {log}"
+
+
+rule write_cell_graphs:
+    input:
+        adata=f"{GEARS_DIR}/perturb_processed.h5ad",
+        pairing=f"{GEARS_DIR}/data_pyg/pairing_seed{config['seeds'][0]}.npz",
+        go=f"{GEARS_DIR}/go_filter.json",
+    output:
+        pickle=f"{GEARS_DIR}/data_pyg/cell_graphs.pkl",
+    log:
+        f"logs/{DATASET}/write_cell_graphs.log",
+    benchmark:
+        f"benchmarks/{DATASET}/write_cell_graphs.tsv"
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    shell:
+        "scgpt-vcc write-cell-graphs {input.adata} {output.pickle} --pairing {input.pairing} "
+        "--go-filter {input.go} 2> {log}"
+
+
+rule build_split:
+    input:
+        adata=f"{GEARS_DIR}/perturb_processed.h5ad",
+        go=f"{GEARS_DIR}/go_filter.json",
+    output:
+        splits=split_outputs("{seed}"),
+    log:
+        f"logs/{DATASET}/build_split_seed{{seed}}.log",
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    params:
+        outdir=lambda w, output: Path(output[0]).parent,
+        options=cli_options(
+            name=DATASET,
+            split=GEARS_CFG["split"],
+            train_gene_set_size=GEARS_CFG["train_gene_set_size"],
+            min_cells=(
+                GEARS_CFG["min_cells"]
+                if GEARS_CFG["exclude_below_min_cells"]
+                else None
+            ),
+        ),
+        perts=" ".join(
+            [f"--test-perts {shlex.quote(p)}" for p in GEARS_CFG["test_perts"]]
+            + [f"--val-perts {shlex.quote(p)}" for p in GEARS_CFG["val_perts"]]
+        ),
+    shell:
+        "scgpt-vcc build-split {input.adata} {params.outdir} --go-filter {input.go} "
+        "--seed {wildcards.seed} {params.options} {params.perts} 2> {log}"
+
+
+rule data_qc:
+    input:
+        stats=f"{GEARS_DIR}/condition_stats.npz",
+        vocab=f"{config['pretrained_dir']}/vocab.json",
+    output:
+        report=f"{GEARS_DIR}/qc/qc.json",
+        cells=report(
+            f"{GEARS_DIR}/qc/cells_per_perturbation.png",
+            category="Data QC",
+            caption="../report/qc_cells.rst",
+        ),
+        knockdown=report(
+            f"{GEARS_DIR}/qc/knockdown.png",
+            category="Data QC",
+            caption="../report/qc_knockdown.rst",
+        ),
+    log:
+        f"logs/{DATASET}/data_qc.log",
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    params:
+        outdir=lambda w, output: Path(output.report).parent,
+        options=cli_options(min_cells=GEARS_CFG["min_cells"]),
+    shell:
+        "scgpt-vcc data-qc {input.stats} {params.outdir} --vocab {input.vocab} "
+        "{params.options} 2> {log}"
