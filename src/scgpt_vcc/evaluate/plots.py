@@ -1,0 +1,122 @@
+"""Evaluation plots for the Snakemake report (PNG, fixed names in ``plots_dir``).
+
+- ``metrics.png``: one panel per metric, a bar per model type, sd over seeds as error bars;
+- ``per_perturbation.png``: per-perturbation bars (mean over seeds) of a few key metrics;
+- ``change_scatter.png``: predicted vs true change from the control mean, all genes, for
+  the strongest held-out perturbations (largest true change, first seed), one row per model
+  type; the perturbation's top DE genes are highlighted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from scgpt_vcc.io import atomic_path  # noqa: E402
+
+PLOT_FILES = ("metrics.png", "per_perturbation.png", "change_scatter.png")
+PER_PERTURBATION_METRICS = ("pearson_delta", "des", "mae")
+N_STRONGEST = 4
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def plot_metric_bars(summary: pd.DataFrame, path: Path) -> None:
+    metrics = list(dict.fromkeys(summary["metric"]))
+    models = list(dict.fromkeys(summary["model_type"]))
+    ncols = 4
+    nrows = int(np.ceil(len(metrics) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
+    by_key = summary.set_index(["metric", "model_type"])
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        means = [by_key.loc[(metric, m), "mean"] for m in models]
+        sds = np.nan_to_num([by_key.loc[(metric, m), "sd"] for m in models])
+        ax.bar(range(len(models)), means, yerr=sds, capsize=3, color="tab:blue")
+        ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
+        ax.set_title(metric)
+    for ax in axes.flat[len(metrics) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_per_perturbation(per_perturbation: pd.DataFrame, path: Path) -> None:
+    models = list(dict.fromkeys(per_perturbation["model_type"]))
+    means = per_perturbation.groupby(["perturbation", "model_type"], sort=True).mean(
+        numeric_only=True
+    )
+    perts = sorted(per_perturbation["perturbation"].unique())
+    width = 0.8 / len(models)
+    fig, axes = plt.subplots(
+        len(PER_PERTURBATION_METRICS),
+        1,
+        figsize=(max(8, 0.35 * len(perts) * len(models) / 2), 9),
+        squeeze=False,
+    )
+    for ax, metric in zip(axes[:, 0], PER_PERTURBATION_METRICS, strict=True):
+        for k, model in enumerate(models):
+            values = [means.loc[(p, model), metric] for p in perts]
+            ax.bar(np.arange(len(perts)) + k * width, values, width, label=model)
+        ax.set_ylabel(metric)
+        ax.set_xticks(np.arange(len(perts)) + 0.4 - width / 2, perts, rotation=90, fontsize=7)
+    axes[0, 0].legend(fontsize=7, ncol=len(models))
+    axes[0, 0].set_title("Per held-out perturbation (mean over seeds)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_change_scatter(eval_dir: Path, seed: int, model_types: Sequence[str], path: Path) -> None:
+    loaded = {m: np.load(eval_dir / f"seed{seed}" / m / "means.npz") for m in model_types}
+    first = loaded[model_types[0]]
+    true_change = first["real"] - first["control"]
+    strongest = np.argsort(-np.linalg.norm(true_change, axis=1))[:N_STRONGEST]
+    fig, axes = plt.subplots(
+        len(model_types),
+        len(strongest),
+        figsize=(3 * len(strongest), 3 * len(model_types)),
+        squeeze=False,
+    )
+    for row, model in enumerate(model_types):
+        data = loaded[model]
+        for col, p in enumerate(strongest):
+            ax = axes[row, col]
+            x = data["real"][p] - data["control"]
+            y = data["pred"][p] - data["control"]
+            de = data["de_idx"][p][data["de_idx"][p] >= 0]
+            ax.scatter(x, y, s=2, color="0.6", rasterized=True)
+            ax.scatter(x[de], y[de], s=8, color="tab:red", label="top DE")
+            lim = max(np.abs(x).max(), np.abs(y).max(), 1e-6)
+            ax.plot([-lim, lim], [-lim, lim], color="k", lw=0.5)
+            ax.set_title(f"{model}: {data['perturbations'][p]}", fontsize=8)
+            if col == 0:
+                ax.set_ylabel("predicted change")
+            if row == len(model_types) - 1:
+                ax.set_xlabel("true change")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_plots(
+    eval_dir: Path,
+    seeds: Sequence[int],
+    model_types: Sequence[str],
+    summary: pd.DataFrame,
+    per_perturbation: pd.DataFrame,
+    plots_dir: Path,
+) -> None:
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    plot_metric_bars(summary, plots_dir / PLOT_FILES[0])
+    plot_per_perturbation(per_perturbation, plots_dir / PLOT_FILES[1])
+    plot_change_scatter(eval_dir, seeds[0], model_types, plots_dir / PLOT_FILES[2])

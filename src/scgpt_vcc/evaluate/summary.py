@@ -1,0 +1,167 @@
+"""Summary over seeds and model types: mean ± sd per metric and paired wins over train_mean.
+
+Reads ``{eval_dir}/seed{seed}/{model_type}/metrics.json`` and ``per_perturbation.csv``
+and writes ``summary.csv`` (one row per model type and metric), ``summary.md`` (the
+same as markdown tables) and the plots of :mod:`scgpt_vcc.evaluate.plots`.
+
+Uncertainty: the standard deviation is over seeds (ddof = 1; empty with one seed). The
+paired comparison pools (seed, perturbation) pairs: a model wins a pair when its value
+is better than train_mean's on the same perturbation of the same seed (higher for
+correlations, DES and PDS; lower for errors); equal values are ties.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from scgpt_vcc.errors import InputError
+from scgpt_vcc.evaluate.run import ALL_METRICS, BASELINE_MODEL
+from scgpt_vcc.io import write_text_atomic
+
+SUMMARY_METRICS = (*ALL_METRICS, "challenge_score")
+LOWER_IS_BETTER = frozenset({"mse", "mse_de", "mae"})
+
+
+def run_dir(eval_dir: Path, seed: int, model_type: str) -> Path:
+    return Path(eval_dir) / f"seed{seed}" / model_type
+
+
+def collect(
+    eval_dir: str | Path, seeds: Sequence[int], model_types: Sequence[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """All runs' metrics.json (one row per seed and model) and per-perturbation tables."""
+    runs, tables = [], []
+    for seed in seeds:
+        for model in model_types:
+            folder = run_dir(Path(eval_dir), seed, model)
+            path = folder / "metrics.json"
+            if not path.exists():
+                raise InputError(path, "file", "does not exist", f"run evaluate for {model}")
+            data = json.loads(path.read_text())
+            runs.append(
+                {"seed": seed, "model_type": model, **{k: data[k] for k in SUMMARY_METRICS}}
+            )
+            table = pd.read_csv(folder / "per_perturbation.csv")
+            tables.append(table.assign(seed=seed, model_type=model))
+    return pd.DataFrame(runs), pd.concat(tables, ignore_index=True)
+
+
+def seed_statistics(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sd (ddof 1) and number of seeds per model type and metric."""
+    long = runs.melt(id_vars=["seed", "model_type"], var_name="metric", value_name="value")
+    stats = long.groupby(["model_type", "metric"], sort=False)["value"].agg(
+        mean="mean", sd=lambda v: v.std(ddof=1), n_seeds="count"
+    )
+    return stats.reset_index()
+
+
+def paired_wins(per_perturbation: pd.DataFrame, baseline: str = BASELINE_MODEL) -> pd.DataFrame:
+    """Wins, ties and losses of every other model against ``baseline``, per metric."""
+    if baseline not in set(per_perturbation["model_type"]):
+        return pd.DataFrame(columns=["model_type", "metric", "wins", "ties", "losses", "n_pairs"])
+    keyed = per_perturbation.set_index(["seed", "perturbation"])
+    base = keyed[keyed["model_type"] == baseline]
+    rows = []
+    for model, group in keyed[keyed["model_type"] != baseline].groupby("model_type", sort=False):
+        for metric in ALL_METRICS:
+            a, b = group[metric].align(base[metric], join="inner")
+            diff = (b - a) if metric in LOWER_IS_BETTER else (a - b)
+            rows.append(
+                {
+                    "model_type": model,
+                    "metric": metric,
+                    "wins": int((diff > 0).sum()),
+                    "ties": int((diff == 0).sum()),
+                    "losses": int((diff < 0).sum()),
+                    "n_pairs": int(diff.notna().sum()),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def summary_frame(runs: pd.DataFrame, per_perturbation: pd.DataFrame) -> pd.DataFrame:
+    stats = seed_statistics(runs)
+    wins = paired_wins(per_perturbation)
+    return stats.merge(wins, on=["model_type", "metric"], how="left")
+
+
+def _cell(mean: float, sd: float) -> str:
+    return f"{mean:.4f}" if np.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
+
+
+def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, notes: Sequence[str]) -> str:
+    models = list(dict.fromkeys(summary["model_type"]))
+    seeds = sorted(runs["seed"].unique())
+    head = ["model_type", *SUMMARY_METRICS]
+    lines = [
+        "# Evaluation summary",
+        "",
+        f"Mean ± sd over seeds {', '.join(map(str, seeds))} (held-out perturbations only; "
+        "definitions in docs/metrics.md).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    by_key = summary.set_index(["model_type", "metric"])
+    for model in models:
+        cells = [
+            _cell(by_key.loc[(model, m), "mean"], by_key.loc[(model, m), "sd"])
+            for m in SUMMARY_METRICS
+        ]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    others = [m for m in models if m != BASELINE_MODEL]
+    if BASELINE_MODEL in models and others:
+        lines += [
+            "",
+            f"## Paired comparison with {BASELINE_MODEL}",
+            "",
+            "Perturbations (pooled over seeds) on which the model beats train_mean: "
+            "wins / ties / losses.",
+            "",
+            "| model_type | " + " | ".join(ALL_METRICS) + " |",
+            "|" + "---|" * (len(ALL_METRICS) + 1),
+        ]
+        for model in others:
+            cells = []
+            for m in ALL_METRICS:
+                row = by_key.loc[(model, m)]
+                cells.append(f"{int(row['wins'])}/{int(row['ties'])}/{int(row['losses'])}")
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", *[f"- {note}" for note in notes], ""]
+    return "\n".join(lines)
+
+
+def summarize(
+    eval_dir: str | Path,
+    seeds: Sequence[int],
+    model_types: Sequence[str],
+    out_md: str | Path,
+    out_csv: str | Path,
+    plots_dir: str | Path | None = None,
+) -> pd.DataFrame:
+    """Write summary.csv, summary.md and (if ``plots_dir``) the evaluation plots."""
+    runs, per_perturbation = collect(eval_dir, seeds, model_types)
+    summary = summary_frame(runs, per_perturbation)
+    first = json.loads(
+        (run_dir(Path(eval_dir), seeds[0], model_types[0]) / "metrics.json").read_text()
+    )
+    notes = [
+        f"{first['n_perturbations']} held-out perturbations per seed; cell-eval "
+        f"{first['cell_eval_version']} (profile vcc).",
+        "challenge_score: VCC overall score against "
+        + ("this run's train_mean" if BASELINE_MODEL in model_types else "the configured baseline")
+        + " (0 for train_mean itself).",
+        "sd is empty with a single seed.",
+    ]
+    write_text_atomic(out_csv, summary.to_csv(index=False))
+    write_text_atomic(out_md, summary_markdown(summary, runs, notes))
+    if plots_dir is not None:
+        from scgpt_vcc.evaluate.plots import write_plots
+
+        write_plots(Path(eval_dir), seeds, model_types, summary, per_perturbation, Path(plots_dir))
+    return summary

@@ -1,0 +1,214 @@
+"""Which cells a prediction file holds, and how prediction files are written.
+
+CONTRACT of ``results/predictions/{dataset}/seed{seed}/{model_type}.h5ad`` (one per model
+type) and ``.../real.h5ad`` (the truth they are compared with):
+
+* ``X``: CSR float32, log1p of counts normalised to the data's depth: the scale of
+  ``converted.h5ad``/``perturb_processed.h5ad`` (what cell-eval expects). Every gene of the
+  data, in the data's order (18,080 for VCC).
+* ``obs.target_gene``: the perturbed gene, or the control label (``non-targeting``) for
+  control cells; ``obs.condition``: GEARS's condition (``GENE+ctrl``, ``ctrl``);
+  ``obs.input_row``: row in ``perturb_processed.h5ad`` of the real control cell the
+  predicted cell started from (for real cells: the cell's own row).
+* Cells: first the control cells (real, unchanged, the same cells in every file of a seed),
+  then per held-out perturbation (the split's ``test`` conditions) as many cells as the real
+  data has (``n_cells: null``) or ``n_cells``. With ``n_cells: null`` predicted cell ``i``
+  starts from the control cell that the seed's pairing file pairs with real cell ``i``;
+  otherwise control cells are drawn at random (seeded).
+* ``real.h5ad``: the same control cells plus every real cell of the held-out perturbations.
+* ``uns['scgpt_vcc_prediction']``: model type, seed, split file and settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from scgpt_vcc.errors import InputError
+from scgpt_vcc.io import H5adStreamWriter, atomic_path, read_annotations, read_uns
+from scgpt_vcc.train.batches import CONTROL_CONDITION, CsrRowReader, perturbed_genes
+
+log = logging.getLogger(__name__)
+
+# Predicts cells from control cells: (control expression [n, G], targets) -> [n, G].
+Predict = Callable[[np.ndarray, Sequence[str]], np.ndarray]
+
+
+class ExpressionData:
+    """A GEARS-format h5ad (``perturb_processed.h5ad`` or ``converted.h5ad``) read by rows."""
+
+    def __init__(self, path: str | Path, control_label: str | None = None) -> None:
+        self.path = Path(path)
+        obs, var = read_annotations(self.path)
+        if "condition" not in obs:
+            raise InputError(self.path, "obs.condition", "is missing", "run convert-to-gears")
+        genes = var["gene_name"] if "gene_name" in var else var.index
+        self.genes: list[str] = [str(g) for g in genes]
+        self.var = pd.DataFrame({"gene_name": self.genes}, index=pd.Index(self.genes))
+        if "gene_id" in var:
+            self.var["gene_id"] = var["gene_id"].astype(str).to_numpy()
+        self.condition = obs["condition"].astype(str).to_numpy()
+        self.obs_names = obs.index.astype(str).to_numpy()
+        settings = read_uns(self.path).get("scgpt_vcc", {})
+        self.control_label = control_label or str(settings.get("control_label", "non-targeting"))
+        self.reader = CsrRowReader(self.path)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def control_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.condition == CONTROL_CONDITION)
+
+    def rows_of(self, condition: str) -> np.ndarray:
+        return np.flatnonzero(self.condition == condition)
+
+    def read(self, rows: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """Dense float32 expression of ``rows`` (any order, repeats allowed)."""
+        if columns is None:
+            columns = np.arange(self.n_genes)
+        return self.reader.read_dense(np.asarray(rows, dtype=np.int64), columns)
+
+    def target_label(self, condition: str) -> str:
+        """``obs.target_gene`` of a condition: ``A+ctrl`` -> ``A``, ``ctrl`` -> control label."""
+        genes = perturbed_genes(condition)
+        return "+".join(genes) if genes else self.control_label
+
+
+@dataclass(frozen=True)
+class Group:
+    """Cells of one perturbation: predicted from ``input_rows`` (control cells)."""
+
+    target_gene: str
+    condition: str
+    input_rows: np.ndarray
+
+    @property
+    def targets(self) -> list[str]:
+        return perturbed_genes(self.condition)
+
+
+def heldout_groups(
+    data: ExpressionData,
+    conditions: Sequence[str],
+    control_row: np.ndarray,
+    n_cells: int | None,
+    seed: int,
+) -> list[Group]:
+    """One :class:`Group` per held-out condition (controls and unknown conditions skipped)."""
+    rng = np.random.default_rng(seed)
+    controls = data.control_rows
+    groups = []
+    for condition in conditions:
+        if condition == CONTROL_CONDITION:
+            continue
+        real = data.rows_of(condition)
+        if real.size == 0:
+            log.warning("held-out condition %s has no cells in %s; skipped", condition, data.path)
+            continue
+        if n_cells is None:
+            inputs = control_row[real]
+        else:
+            inputs = rng.choice(controls, size=n_cells, replace=n_cells > controls.size)
+        groups.append(Group(data.target_label(condition), condition, np.asarray(inputs)))
+    return groups
+
+
+def sample_controls(data: ExpressionData, n: int | None, seed: int) -> np.ndarray:
+    """Rows of ``n`` control cells (all when ``None`` or more than exist), sorted."""
+    rows = data.control_rows
+    if n is None or n >= rows.size:
+        return rows
+    return np.sort(np.random.default_rng([seed, 1]).choice(rows, size=n, replace=False))
+
+
+def _obs(
+    data: ExpressionData, control_rows: np.ndarray, groups: Sequence[Group], real: bool
+) -> pd.DataFrame:
+    parts = [
+        pd.DataFrame(
+            {
+                "target_gene": data.control_label,
+                "condition": CONTROL_CONDITION,
+                "input_row": control_rows,
+            },
+            index=data.obs_names[control_rows],
+        )
+    ]
+    for g in groups:
+        rows = data.rows_of(g.condition) if real else g.input_rows
+        index = (
+            data.obs_names[rows] if real else [f"{g.target_gene}_pred{i}" for i in range(rows.size)]
+        )
+        parts.append(
+            pd.DataFrame(
+                {"target_gene": g.target_gene, "condition": g.condition, "input_row": rows},
+                index=pd.Index(index),
+            )
+        )
+    obs = pd.concat(parts)
+    obs.index = obs.index.astype(str)
+    for col in ("target_gene", "condition"):
+        obs[col] = pd.Categorical(obs[col].astype(str))
+    obs["input_row"] = obs["input_row"].astype(np.int64)
+    return obs
+
+
+def _batches(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, rows.size, size):
+        yield rows[start : start + size]
+
+
+def write_cells(
+    path: str | Path,
+    data: ExpressionData,
+    control_rows: np.ndarray,
+    groups: Sequence[Group],
+    predict: Predict | None,
+    *,
+    batch_size: int = 256,
+    columns: np.ndarray | None = None,
+    var: pd.DataFrame | None = None,
+    uns: dict[str, Any] | None = None,
+) -> None:
+    """Write control cells plus each group's cells, ``batch_size`` cells at a time.
+
+    ``predict=None`` writes the real cells of each group's condition (``real.h5ad``);
+    otherwise ``predict(control_expression, targets)`` makes each group's cells from its
+    ``input_rows``. Predictions are clipped at 0 (log1p values cannot be negative).
+    ``columns`` selects and orders the genes written (default: all, in data order).
+    """
+    real = predict is None
+    obs = _obs(data, control_rows, groups, real)
+    if columns is None:
+        columns = np.arange(data.n_genes)
+    var = data.var.iloc[columns] if var is None else var
+    total = len(obs)
+    with (
+        atomic_path(path) as tmp,
+        H5adStreamWriter(tmp, obs, var, uns=uns) as writer,
+        tqdm(total=total, desc=f"write {Path(path).name}", unit="cells") as bar,
+    ):
+        for rows in _batches(control_rows, batch_size):
+            writer.append(sp.csr_matrix(data.read(rows, columns)))
+            bar.update(rows.size)
+        for group in groups:
+            rows = data.rows_of(group.condition) if real else group.input_rows
+            for batch in _batches(rows, batch_size):
+                if real:
+                    block = data.read(batch, columns)
+                else:
+                    full = predict(data.read(batch), group.targets)
+                    block = np.maximum(full[:, columns], 0.0).astype(np.float32)
+                writer.append(sp.csr_matrix(block))
+                bar.update(batch.size)
+    log.info("wrote %s: %d cells x %d genes", path, total, len(columns))

@@ -1,0 +1,323 @@
+"""Virtual Cell Challenge submission: predicted cells per listed perturbation, packed by cell-eval.
+
+For each row of the counts CSV (``target_gene,n_cells,median_umi_per_cell``: the
+validation list, or the test-phase list) ``n_cells`` cells are predicted, each from a
+control cell of the training data drawn at random (seeded), with the configured model
+type. The training ``non-targeting`` cells are added unchanged. Everything is on the
+scale of ``converted.h5ad``: log1p of counts normalised to the training data's median
+depth, which cell-eval accepts as already normalised (fractional values in [0, 15)); never
+CP10k against counts. Genes follow ``gene_names.csv`` (no header).
+
+Cell cap (``max_cells``, 100,000 in the validation phase): controls fill what the
+perturbations leave; when fewer than ``min_control_cells`` would remain, every
+perturbation's count is scaled down by the same factor so that they fit. Both are logged
+and recorded in ``submission.json``.
+
+The ``.vcc`` file is made by ``cell-eval prep`` itself; cell-eval does not check the exit
+codes of the ``zstd`` and ``tar`` programs it calls, so they are checked first and the
+archive is verified afterwards.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from scgpt_vcc.data.genes import read_gene_list
+from scgpt_vcc.errors import InputError
+from scgpt_vcc.io import write_json_atomic
+from scgpt_vcc.predict.cells import ExpressionData, Group, sample_controls, write_cells
+from scgpt_vcc.predict.run import PredictSettings, build_predictor
+from scgpt_vcc.train.batches import CONTROL_CONDITION
+
+log = logging.getLogger(__name__)
+
+PREDICTION_FILE = "prediction.h5ad"
+VCC_FILE = "prediction.prep.vcc"
+SUMMARY_FILE = "submission.json"
+REQUIRED_PROGRAMS = ("zstd", "tar")
+
+
+@dataclass(frozen=True)
+class SubmissionSettings:
+    model_type: str = "scgpt_finetuned"
+    max_cells: int = 100_000
+    min_control_cells: int = 1000
+    seed: int = 1
+
+
+COUNTS_COLUMNS = ("target_gene", "n_cells")
+
+
+def read_counts(path: str | Path, genes: Sequence[str] | None = None) -> dict[str, int]:
+    """``target_gene -> n_cells`` of a VCC counts CSV (validation or test list).
+
+    The CSV has a header (``target_gene,n_cells,median_umi_per_cell``); every target must
+    be one of ``genes`` (the submission's ``gene_names.csv``) when they are given.
+    """
+    path = Path(path)
+    fix_file = "use the challenge's CSV with the header target_gene,n_cells,median_umi_per_cell"
+    if not path.exists():
+        raise InputError(path, "file", "does not exist", "set submission.counts_csv")
+    try:
+        table = pd.read_csv(path, dtype={"target_gene": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(path, "file", f"is not a readable CSV ({err})", fix_file) from err
+    table.columns = table.columns.str.strip()
+    for column in COUNTS_COLUMNS:
+        if column not in table:
+            close = difflib.get_close_matches(column, table.columns, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            if pd.to_numeric(pd.Series(table.columns), errors="coerce").notna().any():
+                hint = "; the first line holds values, so the header is missing"
+            raise InputError(
+                path, column, f"column is missing (header: {list(table.columns)}){hint}", fix_file
+            )
+    targets = table["target_gene"].astype(str).str.strip()
+    n_cells = pd.to_numeric(table["n_cells"], errors="coerce")
+    bad = table.index[n_cells.isna() | (n_cells != n_cells.round())]
+    if len(bad):
+        raise InputError(
+            path, "n_cells", f"is not a whole number in rows {(bad + 2).tolist()[:10]}", fix_file
+        )
+    bad = table.index[n_cells < 1]
+    if len(bad):
+        rows = {targets[i]: int(n_cells[i]) for i in bad[:10]}
+        raise InputError(
+            path, "n_cells", f"zero or negative cell counts {rows}", "ask for at least 1 cell"
+        )
+    duplicated = targets[targets.duplicated()].unique().tolist()
+    if duplicated:
+        raise InputError(path, "target_gene", f"repeated genes {duplicated[:10]}", "list each once")
+    if genes is not None:
+        unknown = sorted(set(targets) - set(genes))
+        if unknown:
+            raise InputError(
+                path,
+                "target_gene",
+                f"{len(unknown)} genes are not in gene_names.csv (e.g. {unknown[:5]})",
+                "use the counts CSV and gene_names.csv of the same challenge phase; "
+                "check for Ensembl IDs or misspelled symbols",
+            )
+    return dict(zip(targets, n_cells.astype(int), strict=True))
+
+
+def cap_cell_counts(
+    requested: dict[str, int], available_controls: int, max_cells: int, min_controls: int
+) -> tuple[dict[str, int], int]:
+    """Cells per perturbation and number of control cells within ``max_cells`` in total."""
+    wanted = sum(requested.values())
+    floor_controls = min(min_controls, available_controls)
+    if wanted + floor_controls <= max_cells:
+        return dict(requested), min(available_controls, max_cells - wanted)
+    factor = (max_cells - floor_controls) / wanted
+    if factor <= 0 or max_cells - floor_controls < len(requested):
+        raise InputError(
+            "config",
+            "submission.max_cells",
+            f"{max_cells} cannot hold one cell per perturbation plus {floor_controls} controls",
+            "raise max_cells or lower min_control_cells",
+        )
+    scaled = {g: max(1, math.floor(n * factor)) for g, n in requested.items()}
+    log.warning(
+        "cap of %d cells: %d requested perturbed cells scaled by %.4f to %d; %d control cells",
+        max_cells,
+        wanted,
+        factor,
+        sum(scaled.values()),
+        floor_controls,
+    )
+    return scaled, floor_controls
+
+
+def gene_columns(data: ExpressionData, gene_names: list[str], path: Path) -> np.ndarray:
+    """Column of each ``gene_names`` entry in the data, in ``gene_names`` order."""
+    position = {g: i for i, g in enumerate(data.genes)}
+    missing = [g for g in gene_names if g not in position]
+    if missing:
+        raise InputError(
+            path,
+            "genes",
+            f"{len(missing)} are not in {data.path} (e.g. {missing[:5]})",
+            "use the gene_names.csv that belongs to the training data",
+        )
+    return np.array([position[g] for g in gene_names], dtype=np.int64)
+
+
+def write_submission_h5ad(
+    data_path: str | Path,
+    counts_csv: str | Path,
+    gene_names_path: str | Path,
+    output: str | Path,
+    settings: SubmissionSettings,
+    predict_settings: PredictSettings,
+    model_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write the submission h5ad; return what it holds (for ``submission.json``)."""
+    data = ExpressionData(data_path)
+    gene_names = read_gene_list(gene_names_path)
+    columns = gene_columns(data, gene_names, Path(gene_names_path))
+    counts, n_controls = cap_cell_counts(
+        read_counts(counts_csv, gene_names),
+        data.control_rows.size,
+        settings.max_cells,
+        settings.min_control_cells,
+    )
+    rng = np.random.default_rng([settings.seed, 2])
+    groups = [
+        Group(gene, f"{gene}+ctrl", rng.choice(data.control_rows, size=n, replace=True))
+        for gene, n in counts.items()
+    ]
+    train = sorted(set(data.condition) - {CONTROL_CONDITION})
+    predict = build_predictor(settings.model_type, data, train, predict_settings, model_dir)
+    controls = sample_controls(data, n_controls, settings.seed)
+    var = pd.DataFrame(index=pd.Index(gene_names))
+    write_cells(
+        output,
+        data,
+        controls,
+        groups,
+        predict,
+        batch_size=predict_settings.batch_size,
+        columns=columns,
+        var=var,
+        uns={"scgpt_vcc_submission": {k: v for k, v in asdict(settings).items()}},
+    )
+    return {
+        "model_type": settings.model_type,
+        "n_cells": counts,
+        "n_control_cells": int(n_controls),
+        "total_cells": int(sum(counts.values()) + n_controls),
+        "max_cells": settings.max_cells,
+        "n_genes": len(gene_names),
+        "control_label": data.control_label,
+    }
+
+
+def check_programs() -> None:
+    missing = [p for p in REQUIRED_PROGRAMS if shutil.which(p) is None]
+    if missing:
+        raise InputError(
+            "PATH",
+            ", ".join(missing),
+            "not found; cell-eval prep calls them and does not notice when they are missing",
+            "install them (Debian/Ubuntu: apt-get install zstd tar; conda: zstd)",
+        )
+
+
+def run_cell_eval_prep(
+    h5ad: str | Path, gene_names: str | Path, output: str | Path, control_label: str
+) -> Path:
+    """Run ``cell-eval prep`` and verify that it wrote a non-empty, complete archive."""
+    check_programs()
+    output = Path(output)
+    output.unlink(missing_ok=True)
+    command = [
+        sys.executable, "-m", "cell_eval", "prep",
+        "-i", str(h5ad), "-g", str(gene_names), "-o", str(output), "-n", control_label,
+    ]  # fmt: skip
+    log.info("running %s", " ".join(command))
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cell-eval prep failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    if not output.is_file() or output.stat().st_size == 0:
+        raise RuntimeError(
+            f"cell-eval prep wrote no {output} (zstd/tar failed?):\n{done.stderr[-3000:]}"
+        )
+    with tarfile.open(output) as archive:
+        members = {m.name: m.size for m in archive.getmembers()}
+    if members.get("pred.h5ad.zst", 0) == 0:
+        raise RuntimeError(f"{output} lacks a non-empty pred.h5ad.zst: {members}")
+    return output
+
+
+def make_submission(
+    data_path: str | Path,
+    counts_csv: str | Path,
+    gene_names_path: str | Path,
+    outdir: str | Path,
+    settings: SubmissionSettings,
+    predict_settings: PredictSettings,
+    model_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """``prediction.h5ad``, ``prediction.prep.vcc`` and ``submission.json`` in ``outdir``."""
+    outdir = Path(outdir)
+    check_programs()
+    h5ad = outdir / PREDICTION_FILE
+    summary = write_submission_h5ad(
+        data_path, counts_csv, gene_names_path, h5ad, settings, predict_settings, model_dir
+    )
+    vcc = run_cell_eval_prep(h5ad, gene_names_path, outdir / VCC_FILE, summary["control_label"])
+    summary.update(counts_csv=str(counts_csv), vcc_file=str(vcc), vcc_bytes=vcc.stat().st_size)
+    write_json_atomic(outdir / SUMMARY_FILE, summary)
+    log.info("submission: %d cells, %s (%d bytes)", summary["total_cells"], vcc, vcc.stat().st_size)
+    return summary
+
+
+def score_submission(
+    submission_h5ad: str | Path,
+    truth_counts: str | Path,
+    data_path: str | Path,
+    counts_csv: str | Path,
+    gene_names_path: str | Path,
+    output: str | Path,
+    settings: SubmissionSettings,
+    predict_settings: PredictSettings,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Score a submission against true held-out cells (synthetic demo), as the challenge does.
+
+    The truth (raw counts) is normalised with the training data's ``target_sum``, the scale
+    of the submission. DES, PDS and MAE come from the evaluation module (cell-eval); the
+    challenge score is against the cell-mean baseline (``train_mean``) submitted the same way.
+    """
+    from scgpt_vcc.data.convert import convert_to_gears
+    from scgpt_vcc.evaluate.means import group_means
+    from scgpt_vcc.evaluate.vcc import VCC_METRICS, challenge_score, vcc_metrics
+    from scgpt_vcc.io import read_uns
+
+    data_settings = read_uns(data_path).get("scgpt_vcc", {})
+    control = str(data_settings.get("control_label", "non-targeting"))
+    with tempfile.TemporaryDirectory() as tmp:
+        truth = Path(tmp) / "truth.h5ad"
+        convert_to_gears(
+            truth_counts, truth, control_label=control, target_sum=data_settings.get("target_sum")
+        )
+        baseline = Path(tmp) / "baseline.h5ad"
+        base_settings = SubmissionSettings(**{**asdict(settings), "model_type": "train_mean"})
+        write_submission_h5ad(
+            data_path, counts_csv, gene_names_path, baseline, base_settings, predict_settings
+        )
+        real_means = group_means(truth, "target_gene")
+        tables = {}
+        for name, path in (("model", Path(submission_h5ad)), ("baseline", baseline)):
+            tables[name] = vcc_metrics(
+                truth, path, real_means, group_means(path, "target_gene"), control, threads=threads
+            )
+    model = {k: float(tables["model"][k].mean()) for k in VCC_METRICS}
+    base = {k: float(tables["baseline"][k].mean()) for k in VCC_METRICS}
+    result = {
+        "model_type": settings.model_type,
+        **model,
+        **challenge_score(model, base),
+        "baseline": base,
+        "per_perturbation": tables["model"].to_dict(orient="index"),
+    }
+    write_json_atomic(output, result)
+    log.info(
+        "submission score: %s", {k: round(result[k], 4) for k in (*VCC_METRICS, "challenge_score")}
+    )
+    return result

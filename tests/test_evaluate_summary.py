@@ -1,0 +1,88 @@
+"""Summary over seeds: mean ± sd and paired wins over train_mean on a hand-made example."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scgpt_vcc.cli import main
+from scgpt_vcc.evaluate.run import ALL_METRICS
+from scgpt_vcc.evaluate.summary import SUMMARY_METRICS
+
+# model -> seed -> per-perturbation values of every metric (P1, P2).
+VALUES = {
+    "train_mean": {1: [0.5, 0.5], 2: [0.4, 0.6]},
+    "linear": {1: [0.6, 0.5], 2: [0.3, 0.9]},
+}
+
+
+def write_run(root: Path, seed: int, model: str, values: list[float]) -> None:
+    folder = root / f"seed{seed}" / model
+    folder.mkdir(parents=True)
+    table = pd.DataFrame(
+        {m: values for m in ALL_METRICS}, index=pd.Index(["P1", "P2"], name="perturbation")
+    )
+    table.to_csv(folder / "per_perturbation.csv")
+    metrics = {m: float(np.mean(values)) for m in SUMMARY_METRICS}
+    metrics.update(n_perturbations=2, cell_eval_version="0.8.2")
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    rng = np.random.default_rng(seed)
+    np.savez(
+        folder / "means.npz",
+        perturbations=np.array(["P1", "P2"]),
+        genes=np.array(["g0", "g1", "g2"]),
+        real=rng.random((2, 3)),
+        pred=rng.random((2, 3)),
+        control=rng.random(3),
+        de_idx=np.array([[0, 1], [2, -1]]),
+    )
+
+
+def test_mean_sd_and_wins(tmp_path: Path) -> None:
+    for model, seeds in VALUES.items():
+        for seed, values in seeds.items():
+            write_run(tmp_path, seed, model, values)
+    out = tmp_path / "summary"
+    assert (
+        main(
+            [
+                "summarize",
+                "--eval-dir",
+                str(tmp_path),
+                "--seeds",
+                "1",
+                "2",
+                "--model-types",
+                "train_mean",
+                "linear",
+                "--out-md",
+                str(out / "summary.md"),
+                "--out-csv",
+                str(out / "summary.csv"),
+                "--plots-dir",
+                str(out / "plots"),
+            ]
+        )
+        == 0
+    )
+    table = pd.read_csv(out / "summary.csv").set_index(["model_type", "metric"])
+    # linear pearson per seed: mean(0.6, 0.5) = 0.55 and mean(0.3, 0.9) = 0.6.
+    row = table.loc[("linear", "pearson")]
+    assert row["mean"] == pytest.approx(0.575)
+    assert row["sd"] == pytest.approx(np.std([0.55, 0.6], ddof=1))
+    assert row["n_seeds"] == 2
+    # Pairs (seed, perturbation): 0.6>0.5 win, 0.5=0.5 tie, 0.3<0.4 loss, 0.9>0.6 win.
+    assert (row["wins"], row["ties"], row["losses"], row["n_pairs"]) == (2, 1, 1, 4)
+    # For an error metric lower is better: the same numbers flip.
+    mae = table.loc[("linear", "mae")]
+    assert (mae["wins"], mae["ties"], mae["losses"]) == (1, 1, 2)
+    assert np.isnan(table.loc[("train_mean", "pearson"), "wins"])
+    text = (out / "summary.md").read_text()
+    assert "| linear | 0.5750 ± 0.0354" in text
+    assert "2/1/1" in text
+    for name in ("metrics.png", "per_perturbation.png", "change_scatter.png"):
+        assert (out / "plots" / name).stat().st_size > 1000

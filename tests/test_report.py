@@ -1,0 +1,59 @@
+"""The whole tiny demo runs end to end and ``snakemake --report`` shows every section."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import anndata as ad
+import pytest
+
+from tests.conftest import run_snakemake, write_tiny_config
+
+MODEL_TYPES = ("scgpt_finetuned", "scgpt_pretrained", "control", "train_mean", "linear")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_and_report(workflow_dir: Path) -> None:
+    config = write_tiny_config(workflow_dir, predict={"threads": 1})
+    run_snakemake(workflow_dir, "--configfile", config)
+
+    predictions = workflow_dir / "results/predictions/demo/seed1"
+    real = ad.read_h5ad(predictions / "real.h5ad", backed="r")
+    for model_type in MODEL_TYPES:
+        pred = ad.read_h5ad(predictions / f"{model_type}.h5ad", backed="r")
+        assert list(pred.var_names) == list(real.var_names)
+        assert (
+            pred.obs["target_gene"].value_counts().to_dict()
+            == real.obs["target_gene"].value_counts().to_dict()
+        )
+        metrics = json.loads(
+            (workflow_dir / f"results/eval/demo/seed1/{model_type}/metrics.json").read_text()
+        )
+        assert {"pearson", "pearson_delta", "des", "pds", "mae"} <= set(metrics)
+    submission = workflow_dir / "results/submission/demo"
+    with tarfile.open(submission / "prediction.prep.vcc") as archive:
+        assert "pred.h5ad.zst" in archive.getnames()
+    score = json.loads((submission / "score.json").read_text())
+    assert 0 <= score["challenge_score"] <= 100
+
+    run_snakemake(workflow_dir, "--configfile", config, "--report", "report.html")
+    html = (workflow_dir / "report.html").read_text()
+    for section in ("Data QC", "Training", "Evaluation", "VCC submission"):
+        assert section in html
+    for name in (
+        "cells_per_perturbation.png",
+        "knockdown.png",
+        "loss_curve.png",
+        "summary.csv",
+        "metrics.png",
+        "per_perturbation.png",
+        "change_scatter.png",
+        "score.json",
+    ):
+        assert name in html, name
+    # The rule graph: every rule of the run is a node of the embedded graph.
+    rules = ("finetune", "predict_scgpt", "predict_baseline", "evaluate", "submission")
+    for rule in (*rules, "summarize_eval"):
+        assert f'"rule": "{rule}"' in html, rule

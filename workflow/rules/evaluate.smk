@@ -1,0 +1,77 @@
+# Evaluation of every model type's predictions against the held-out real cells (per seed),
+# then one summary over seeds and model types with the report's plots.
+
+
+rule evaluate:
+    input:
+        real=f"{PREDICTIONS_DIR}/seed{{seed}}/real.h5ad",
+        pred=f"{PREDICTIONS_DIR}/seed{{seed}}/{{model_type}}.h5ad",
+        processed=f"{GEARS_DIR}/perturb_processed.h5ad",
+        baseline=lambda w: eval_baseline_input(w.model_type, w.seed),
+    output:
+        metrics=f"{EVAL_DIR}/seed{{seed}}/{{model_type}}/metrics.json",
+        table=f"{EVAL_DIR}/seed{{seed}}/{{model_type}}/per_perturbation.csv",
+        means=f"{EVAL_DIR}/seed{{seed}}/{{model_type}}/means.npz",
+    log:
+        f"logs/{DATASET}/evaluate_seed{{seed}}_{{model_type}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/evaluate_seed{{seed}}_{{model_type}}.tsv"
+    wildcard_constraints:
+        model_type="|".join(EVAL_CFG["model_types"]),
+        seed=r"\d+",
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    threads: EVAL_CFG["threads"]
+    resources:
+        mem_mb=EVAL_CFG["mem_mb"],
+    params:
+        baseline=lambda w, input: (
+            f"--baseline-metrics {input.baseline[0]}" if input.baseline else ""
+        ),
+        options=evaluate_options(),
+        outdir=lambda w, output: Path(output.metrics).parent,
+    shell:
+        "scgpt-vcc evaluate --real {input.real} --pred {input.pred}"
+        " --processed {input.processed} --outdir {params.outdir}"
+        " --model-type {wildcards.model_type} --threads {threads}"
+        " {params.baseline} {params.options} 2> {log}"
+
+
+rule summarize_eval:
+    input:
+        metrics=eval_outputs(),
+    output:
+        md=f"{EVAL_DIR}/summary.md",
+        csv=report(
+            f"{EVAL_DIR}/summary.csv",
+            category="Evaluation",
+            caption="../report/evaluation.rst",
+        ),
+        metrics_plot=report(
+            f"{EVAL_DIR}/plots/metrics.png",
+            category="Evaluation",
+            caption="../report/evaluation.rst",
+        ),
+        per_perturbation_plot=report(
+            f"{EVAL_DIR}/plots/per_perturbation.png",
+            category="Evaluation",
+            caption="../report/evaluation.rst",
+        ),
+        scatter_plot=report(
+            f"{EVAL_DIR}/plots/change_scatter.png",
+            category="Evaluation",
+            caption="../report/evaluation.rst",
+        ),
+    log:
+        f"logs/{DATASET}/summarize_eval.log",
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    params:
+        seeds=" ".join(str(s) for s in config["seeds"]),
+        models=" ".join(EVAL_CFG["model_types"]),
+        eval_dir=lambda w, output: Path(output.md).parent,
+        plots=lambda w, output: Path(output.metrics_plot).parent,
+    shell:
+        "scgpt-vcc summarize --eval-dir {params.eval_dir} --seeds {params.seeds}"
+        " --model-types {params.models} --out-md {output.md} --out-csv {output.csv}"
+        " --plots-dir {params.plots} 2> {log}"

@@ -1,0 +1,79 @@
+# Predictions of the held-out perturbations (the split's 'test' conditions) per seed:
+# one file per model type plus the real cells they are compared with. scGPT runs on a
+# GPU of the configured gpu_class; the baselines need none.
+
+
+rule predict_scgpt:
+    input:
+        data=f"{GEARS_DIR}/perturb_processed.h5ad",
+        split=lambda w: split_outputs(w.seed)[0],
+        pairing=f"{GEARS_DIR}/data_pyg/pairing_seed{{seed}}.npz",
+        model=lambda w: model_files(w.model_type, w.seed),
+    output:
+        h5ad=f"{PREDICTIONS_DIR}/seed{{seed}}/{{model_type}}.h5ad",
+    log:
+        f"logs/{DATASET}/predict_seed{{seed}}_{{model_type}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/predict_seed{{seed}}_{{model_type}}.tsv"
+    wildcard_constraints:
+        model_type="|".join(scgpt_model_types()),
+        seed=r"\d+",
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    threads: PREDICT_CFG["threads"]
+    resources:
+        gpu=1,
+        gpu_model=GPU["slurm_gpu"],
+    params:
+        model=lambda w: cli_options(model_dir=model_dir(w.model_type, w.seed)),
+        options=predict_options(),
+    shell:
+        "scgpt-vcc predict --model-type {wildcards.model_type} --data {input.data}"
+        " --split {input.split} --pairing {input.pairing} --seed {wildcards.seed}"
+        " --output {output.h5ad} --threads {threads} {params.model} {params.options} 2> {log}"
+
+
+rule predict_baseline:
+    input:
+        data=f"{GEARS_DIR}/perturb_processed.h5ad",
+        split=lambda w: split_outputs(w.seed)[0],
+        pairing=f"{GEARS_DIR}/data_pyg/pairing_seed{{seed}}.npz",
+    output:
+        h5ad=f"{PREDICTIONS_DIR}/seed{{seed}}/{{model_type}}.h5ad",
+    log:
+        f"logs/{DATASET}/predict_seed{{seed}}_{{model_type}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/predict_seed{{seed}}_{{model_type}}.tsv"
+    wildcard_constraints:
+        model_type="|".join(baseline_model_types()),
+        seed=r"\d+",
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    threads: PREDICT_CFG["threads"]
+    params:
+        options=predict_options(),
+    shell:
+        "scgpt-vcc predict --model-type {wildcards.model_type} --data {input.data}"
+        " --split {input.split} --pairing {input.pairing} --seed {wildcards.seed}"
+        " --output {output.h5ad} --threads {threads} {params.options} 2> {log}"
+
+
+rule heldout_real:
+    input:
+        data=f"{GEARS_DIR}/perturb_processed.h5ad",
+        split=lambda w: split_outputs(w.seed)[0],
+        pairing=f"{GEARS_DIR}/data_pyg/pairing_seed{{seed}}.npz",
+    output:
+        h5ad=f"{PREDICTIONS_DIR}/seed{{seed}}/real.h5ad",
+    log:
+        f"logs/{DATASET}/heldout_real_seed{{seed}}.log",
+    wildcard_constraints:
+        seed=r"\d+",
+    conda:
+        "../../envs/scgpt-vcc.yaml"
+    params:
+        options=predict_options(),
+    shell:
+        "scgpt-vcc heldout-real --data {input.data} --split {input.split}"
+        " --pairing {input.pairing} --seed {wildcards.seed} --output {output.h5ad}"
+        " {params.options} 2> {log}"
