@@ -69,8 +69,277 @@ def synthetic_checkpoint_options():
     )
 
 
+def selected_gpu_class():
+    """The gpu_classes entry named by gpu_class: SLURM GPU type and training settings."""
+    name = config["gpu_class"]
+    if name not in config["gpu_classes"]:
+        raise WorkflowError(
+            f"config key 'gpu_class': '{name}' is not one of gpu_classes "
+            f"({', '.join(sorted(config['gpu_classes']))}). Pick one or add it to gpu_classes."
+        )
+    return config["gpu_classes"][name]
+
+
+GPU = selected_gpu_class()
+
+
+def requested_gpu_type(resources):
+    """The GPU type a resource mapping pins (gpu_model or a typed gres gpu:TYPE[:N]), or None."""
+    for name in ("gpu_model", "gres"):
+        raw = getattr(resources.get(name), "raw", resources.get(name))
+        if not isinstance(raw, str):
+            continue
+        value = raw.strip().strip("'\"")
+        if name == "gpu_model":
+            return value
+        parts = value.split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and not parts[1].isdigit():
+            return parts[1]
+    return None
+
+
+def check_gpu_requests():
+    """Fail the DAG (also under -n) when a profile or --set-resources pins another GPU type.
+
+    The GPU rules take gpu_model from gpu_class, so the request and the training settings
+    always agree; a gpu_model or typed gres set outside config would silently break that.
+    """
+    settings = workflow.resource_settings
+    overrides = settings.overwrite_resources.items()
+    pinned = {f"set-resources of {r}": resources for r, resources in overrides}
+    if settings.default_resources is not None:
+        pinned["default-resources"] = settings.default_resources
+    for where, resources in pinned.items():
+        gpu_type = requested_gpu_type(resources)
+        if gpu_type is not None and gpu_type != GPU["slurm_gpu"]:
+            raise WorkflowError(
+                f"{where} requests GPU type '{gpu_type}' but gpu_class '{config['gpu_class']}' "
+                f"asks for '{GPU['slurm_gpu']}' (batch size {GPU['batch_size']}, {GPU['precision']}). "
+                "Set gpu_class in the config instead of gpu_model/gres in the profile or "
+                "--set-resources; the GPU rules take their GPU type from gpu_class."
+            )
+
+
+# --- GEARS processing (rules/data.smk) ---
+GEARS_CFG = config["gears"]
+GEARS_GO_FILES = ("gene2go_all.pkl", "essential_all_data_pert_genes.pkl")
+
+
+def go_inputs():
+    if not GEARS_CFG["go_filter"]:
+        return []
+    return [f"{GEARS_CFG['go_dir']}/{name}" for name in GEARS_GO_FILES]
+
+
+def split_outputs(seed):
+    stem = f"{GEARS_DIR}/splits/{DATASET}_{GEARS_CFG['split']}_{seed}_{GEARS_CFG['train_gene_set_size']}"
+    return [f"{stem}.pkl"] + (
+        [f"{stem}_subgroup.pkl"] if GEARS_CFG["split"] == "simulation" else []
+    )
+
+
+def gears_outputs():
+    outputs = [
+        f"{GEARS_DIR}/perturb_processed.h5ad",
+        f"{GEARS_DIR}/go_filter.json",
+        f"{GEARS_DIR}/qc/qc.json",
+    ]
+    for seed in config["seeds"]:
+        outputs.append(f"{GEARS_DIR}/data_pyg/pairing_seed{seed}.npz")
+        outputs.extend(split_outputs(seed))
+    if GEARS_CFG["write_cell_graphs"]:
+        outputs.append(f"{GEARS_DIR}/data_pyg/cell_graphs.pkl")
+    return outputs
+
+
+# --- finetuning (rules/train.smk) ---
+TRAIN_CFG = config["train"]
+
+
+def finetune_launcher():
+    """The CLI, under torchrun with one process per GPU when several GPUs are requested."""
+    if TRAIN_CFG["gpus"] > 1:
+        return (
+            f"torchrun --standalone --nproc-per-node {TRAIN_CFG['gpus']}"
+            " $(command -v scgpt-vcc)"
+        )
+    return "scgpt-vcc"
+
+
+def finetune_options():
+    """Training options; batch size, accumulation and precision default to the GPU class."""
+    per_gpu = {
+        k: TRAIN_CFG[k] or GPU[k] for k in ("batch_size", "accumulation", "precision")
+    }
+    settings = {
+        k: v
+        for k, v in TRAIN_CFG.items()
+        if k not in ("gpus", "threads", "load_prefixes", *per_gpu)
+    }
+    return cli_options(
+        gpu_class=config["gpu_class"],
+        load_prefixes=",".join(TRAIN_CFG["load_prefixes"]),
+        **per_gpu,
+        **settings,
+    )
+
+
+def finetune_outputs():
+    return [
+        f"{finetuned_dir(seed)}/{name}"
+        for seed in config["seeds"]
+        for name in ("best_model.pt", "metrics.csv", "loss_curve.png")
+    ]
+
+
+# --- prediction and submission (rules/predict.smk, rules/submit.smk) ---
+PREDICT_CFG = config["predict"]
+SUBMIT_CFG = config["submission"]
+PREDICTIONS_DIR = f"results/predictions/{DATASET}"
+SUBMISSION_DIR = f"results/submission/{DATASET}"
+
+
+def finetuned_dir(seed):
+    return f"results/models/{DATASET}/seed{seed}/scgpt_finetuned"
+
+
+def model_dir(model_type, seed):
+    """scGPT folder a model type predicts with (None for the baselines)."""
+    if model_type == "scgpt_finetuned":
+        return finetuned_dir(seed)
+    if model_type == "scgpt_pretrained":
+        return config["pretrained_dir"]
+    return None
+
+
+def model_files(model_type, seed):
+    folder = model_dir(model_type, seed)
+    return [] if folder is None else [f"{folder}/{name}" for name in PRETRAINED_FILES]
+
+
+def scgpt_model_types():
+    return [m for m in PREDICT_CFG["model_types"] if m.startswith("scgpt")]
+
+
+def baseline_model_types():
+    return [m for m in PREDICT_CFG["model_types"] if not m.startswith("scgpt")]
+
+
+def submission_resources():
+    """A GPU of the gpu_class when an scGPT model makes the submission, else none."""
+    if SUBMIT_CFG["model"].startswith("scgpt"):
+        return {"gpu": 1, "gpu_model": GPU["slurm_gpu"]}
+    return {}
+
+
+def predict_options():
+    return cli_options(
+        **{k: v for k, v in PREDICT_CFG.items() if k not in ("model_types", "threads")}
+    )
+
+
+def submission_counts():
+    return SUBMIT_CFG["counts_csv"] or config["validation_counts"]
+
+
+def submission_options():
+    return cli_options(
+        model_type=SUBMIT_CFG["model"],
+        model_dir=model_dir(SUBMIT_CFG["model"], config["seeds"][0]),
+        max_cells=SUBMIT_CFG["max_cells"],
+        min_control_cells=SUBMIT_CFG["min_control_cells"],
+        seed=config["seeds"][0],
+        **{
+            k: v
+            for k, v in PREDICT_CFG.items()
+            if k not in ("model_types", "threads", "n_cells", "n_control_cells")
+        },
+    )
+
+
+def prediction_outputs():
+    return [
+        f"{PREDICTIONS_DIR}/seed{seed}/{name}.h5ad"
+        for seed in config["seeds"]
+        for name in ("real", *PREDICT_CFG["model_types"])
+    ]
+
+
+def submission_outputs():
+    outputs = [
+        f"{SUBMISSION_DIR}/prediction.prep.vcc",
+        f"{SUBMISSION_DIR}/submission.json",
+    ]
+    if SYNTHETIC:
+        outputs.append(f"{SUBMISSION_DIR}/score.json")
+    return outputs
+
+
+# --- evaluation (rules/evaluate.smk) ---
+EVAL_CFG = config["evaluate"]
+EVAL_DIR = f"results/eval/{DATASET}"
+BASELINE_MODEL = "train_mean"
+
+
+def check_eval_models():
+    """Every evaluated model type must be predicted."""
+    missing = [
+        m for m in EVAL_CFG["model_types"] if m not in PREDICT_CFG["model_types"]
+    ]
+    if missing:
+        raise WorkflowError(
+            f"config key 'evaluate.model_types': {', '.join(missing)} not in "
+            "'predict.model_types'; add them there or remove them here."
+        )
+
+
+def eval_baseline_input(model_type, seed):
+    """train_mean's metrics.json: the challenge-score baseline of the other model types."""
+    if model_type == BASELINE_MODEL or BASELINE_MODEL not in EVAL_CFG["model_types"]:
+        return []
+    return [f"{EVAL_DIR}/seed{seed}/{BASELINE_MODEL}/metrics.json"]
+
+
+def evaluate_options():
+    baseline = EVAL_CFG["challenge_baseline"]
+    return " ".join(
+        [
+            cli_options(
+                control_label=config["control_label"],
+                de_key=EVAL_CFG["de_key"],
+                n_top_de=EVAL_CFG["n_top_de"],
+                chunk_size=EVAL_CFG["chunk_size"],
+                vcc_group_size=EVAL_CFG["vcc_group_size"],
+            ),
+            f"--baseline {baseline['des']} {baseline['pds']} {baseline['mae']}",
+        ]
+    )
+
+
+def eval_outputs():
+    return [
+        f"{EVAL_DIR}/seed{seed}/{model}/metrics.json"
+        for seed in config["seeds"]
+        for model in EVAL_CFG["model_types"]
+    ]
+
+
+def summary_outputs():
+    return [f"{EVAL_DIR}/summary.md", f"{EVAL_DIR}/summary.csv"]
+
+
 def final_outputs():
-    return [f"{GEARS_DIR}/converted.h5ad", *pretrained_files()]
+    return [
+        f"{GEARS_DIR}/converted.h5ad",
+        *pretrained_files(),
+        *gears_outputs(),
+        *finetune_outputs(),
+        *prediction_outputs(),
+        *submission_outputs(),
+        *summary_outputs(),
+    ]
 
 
 check_real_inputs()
+check_gpu_requests()
+check_eval_models()
