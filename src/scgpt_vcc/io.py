@@ -135,6 +135,29 @@ def matrix_shape(path: str | Path, key: str = "X") -> tuple[int, int]:
         return int(shape[0]), int(shape[1])
 
 
+def _check_row_pointers(group: h5py.Group, n_rows: int, path: str | Path, key: str) -> None:
+    """Refuse a CSR matrix whose row pointers are inconsistent.
+
+    Slicing rows trusts ``indptr``; a corrupt one crashed the reader (segmentation fault,
+    found by tests/test_convert_corruption.py). It is one integer per cell, cheap to read.
+    """
+    indptr = group["indptr"][()]
+    n_stored = group["data"].shape[0]
+    consistent = (
+        indptr.shape == (n_rows + 1,)
+        and indptr[0] == 0
+        and indptr[-1] == n_stored == group["indices"].shape[0]
+        and bool(np.all(np.diff(indptr) >= 0))
+    )
+    if not consistent:
+        raise InputError(
+            path,
+            f"{key}/indptr",
+            "row pointers are inconsistent with the stored values",
+            "re-download or re-create the file; it is corrupt",
+        )
+
+
 def iter_row_chunks(
     path: str | Path, chunk_size: int, key: str = "X", desc: str | None = None
 ) -> Iterator[tuple[int, sp.csr_matrix]]:
@@ -148,12 +171,20 @@ def iter_row_chunks(
             node = f[key]
             dense = isinstance(node, h5py.Dataset)
             n_rows = node.shape[0] if dense else int(node.attrs["shape"][0])
+            if not dense:
+                _check_row_pointers(node, n_rows, path, key)
             matrix = node if dense else sparse_dataset(node)
         with tqdm(total=n_rows, desc=desc or f"read {Path(path).name}", unit="cells") as bar:
             for start in range(0, n_rows, chunk_size):
                 stop = min(start + chunk_size, n_rows)
                 with _reading(path, f"{key} rows {start}-{stop}"):
                     block = sp.csr_matrix(matrix[start:stop])
+                    # Corrupt indices would otherwise pass silently into every later
+                    # stage (or crash scipy's C code); O(nnz), small next to the read.
+                    block.check_format(full_check=True)
+                    # Repeated column indices in a row are legal CSR but mean "sum them":
+                    # make rows canonical so per-entry transforms (log1p) stay correct.
+                    block.sum_duplicates()
                 yield start, block
                 bar.update(stop - start)
 
