@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES ?= 2
 CONFIG ?= config/demo.yaml
+# Rules call the `scgpt-vcc` command installed in the environment.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup demo test lint bench clean
 
