@@ -79,3 +79,33 @@ def test_stream_writer_refuses_incomplete_matrix(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rows written"):
         with H5adStreamWriter(tmp_path / "x.h5ad", obs, var) as writer:
             writer.append(sp.csr_matrix(np.ones((1, 1), dtype=np.float32)))
+
+
+def _write_blocks(path: Path, blocks: list[sp.csr_matrix]) -> None:
+    n_rows = sum(block.shape[0] for block in blocks)
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(n_rows)])
+    var = pd.DataFrame(index=[f"g{j}" for j in range(blocks[0].shape[1])])
+    with H5adStreamWriter(path, obs, var, layers=("counts",)) as writer:
+        for block in blocks:
+            writer.append(block, {"counts": block})
+
+
+@pytest.mark.parametrize(("int32_max", "expected"), [(None, np.int32), (10, np.int64)])
+def test_stream_writer_stores_one_index_type(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, int32_max: int | None, expected: type
+) -> None:
+    """Mixed int32/int64 index arrays make scipy copy all indices on every row lookup."""
+    if int32_max is not None:
+        monkeypatch.setattr("scgpt_vcc.io.INT32_MAX", int32_max)
+    rng = np.random.default_rng(1)
+    blocks = [
+        sp.random(n, 6, density=0.5, format="csr", dtype=np.float32, random_state=rng)
+        for n in (4, 3)
+    ]
+    _write_blocks(tmp_path / "x.h5ad", blocks)
+    adata = ad.read_h5ad(tmp_path / "x.h5ad")
+    for matrix in (adata.X, adata.layers["counts"]):
+        assert matrix.indptr.dtype == matrix.indices.dtype == expected
+        np.testing.assert_array_equal(matrix.toarray(), sp.vstack(blocks).toarray())
+    rows = [5, 0, 5]
+    np.testing.assert_array_equal(adata.X[rows].toarray(), sp.vstack(blocks).toarray()[rows])
