@@ -53,12 +53,15 @@ def test_oom_halves_micro_batch_and_doubles_accumulation(caplog):
         fit_micro_batch(never_fits, 48, 1)
 
 
-def test_precision_follows_device_and_config():
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_precision_follows_device_and_config(monkeypatch, native_bf16):
+    monkeypatch.setattr("scgpt_vcc.train.loop.cpu_has_native_bf16", lambda: native_bf16)
     cpu = torch.device("cpu")
-    assert resolve_precision(TrainConfig(), cpu) is None  # off on CPU unless asked
-    assert resolve_precision(TrainConfig(precision="bf16"), cpu) is None  # a GPU setting
-    assert resolve_precision(TrainConfig(cpu_amp=True), cpu) is torch.bfloat16
+    bf16_if_native = torch.bfloat16 if native_bf16 else None
+    assert resolve_precision(TrainConfig(), cpu) is bf16_if_native
+    assert resolve_precision(TrainConfig(precision="bf16", cpu_amp=False), cpu) is None
     assert resolve_precision(TrainConfig(cpu_amp=True, amp=False), cpu) is None
+    assert resolve_precision(TrainConfig(precision="fp32"), cpu) is None
 
 
 def test_finetune_lowers_training_loss_and_writes_loadable_outputs(train_inputs, tmp_path):
@@ -163,7 +166,7 @@ def test_killed_run_resumes_to_the_same_model(train_inputs, tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_follow_the_single_process_loss_curve(train_inputs, tmp_path):
-    base = ["--epochs", "1", "--dropout", "0"]
+    base = ["--epochs", "1", "--dropout", "0", "--cpu-amp", "false"]  # exact arithmetic
     single = _cli_args(train_inputs, tmp_path / "one", *base, "--batch-size", "8",
                        "--accumulation", "2")  # fmt: skip
     subprocess.run(single, check=True)

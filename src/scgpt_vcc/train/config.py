@@ -23,7 +23,7 @@ class TrainConfig:
     gamma: float = 0.9
     max_seq_len: int = 1536
     amp: bool = True
-    cpu_amp: bool = False
+    cpu_amp: bool = True
     precision: str = "auto"
     grad_clip: float = 1.0
     dropout: float = 0.0
