@@ -31,7 +31,7 @@ from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.submission import read_counts
 from scgpt_vcc.train.batches import PerturbationCells
 from scgpt_vcc.train.config import TrainConfig
-from scgpt_vcc.train.loop import finetune
+from scgpt_vcc.train.loop import finetune, precision_name, resolve_precision
 from tests.train_support import train_inputs  # noqa: F401
 
 FAST = {"max_seq_len": 64, "workers": 0, "batch_size": 16, "accumulation": 1}
@@ -253,7 +253,8 @@ def test_diverging_loss_stops_with_a_diagnosis_and_keeps_the_old_model(
     with pytest.raises(InputError) as err:
         _finetune(train_inputs, out, lr=1e30)
     assert err.value.field == "train.lr/train.precision"
-    assert "lr 1e+30" in err.value.problem and "precision fp32" in err.value.problem
+    expected = precision_name(resolve_precision(TrainConfig(), torch.device("cpu")))
+    assert "lr 1e+30" in err.value.problem and f"precision {expected}" in err.value.problem
     assert "lower train.lr" in err.value.fix
     assert (out / "best_model.pt").read_bytes() == b"previous model"
     assert not (out / "args.json").exists()

@@ -113,6 +113,11 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | N
     return torch.bfloat16
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``bf16``, ``fp16`` or ``fp32``: the names the config uses."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 # --------------------------------------------------------------------------- OOM fallback
 
 
@@ -389,7 +394,7 @@ class Trainer:
                 "re-run convert-to-gears on raw counts without NaN/inf (it refuses them) and "
                 "the steps after it; no model was saved",
             )
-        precision = str(self.dtype).replace("torch.", "") if self.dtype else "fp32"
+        precision = precision_name(self.dtype)
         raise InputError(
             "config",
             "train.lr/train.precision",
@@ -546,7 +551,7 @@ class Trainer:
             gpu,
             self.cfg.gpu_class or "unset",
             self.ctx.world_size,
-            str(self.dtype).replace("torch.", "") if self.dtype else "fp32",
+            precision_name(self.dtype),
             self.scaler.is_enabled(),
         )
         log.info(
@@ -753,4 +758,11 @@ def _finetune(
     return outdir
 
 
-__all__ = ["TrainConfig", "cpu_has_native_bf16", "finetune", "fit_micro_batch", "resolve_precision"]
+__all__ = [
+    "TrainConfig",
+    "cpu_has_native_bf16",
+    "finetune",
+    "fit_micro_batch",
+    "precision_name",
+    "resolve_precision",
+]
