@@ -19,19 +19,17 @@ and inputs exist (so the difference is the inference's own working memory) and w
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
-import logging
 import resource
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from scgpt_vcc.model.upstream import upstream_scgpt
 
 VCC_GENES = 18080
 VCC_IN_VOCAB = 17840
@@ -52,21 +50,6 @@ def _vocab_and_genes(n_genes: int) -> tuple[dict[str, int], list[str]]:
     return vocab, genes
 
 
-def _upstream_module():
-    """scgpt 0.2.4's generation model without running ``scgpt/__init__.py`` (torchtext)."""
-    spec = importlib.util.find_spec("scgpt")
-    if spec is None:
-        raise SystemExit("pip install --no-deps scgpt==0.2.4 (the reference)")
-    package = types.ModuleType("scgpt")
-    package.__path__ = list(spec.submodule_search_locations)
-    package.logger = logging.getLogger("scGPT")
-    sys.modules["scgpt"] = package
-    if importlib.util.find_spec("IPython") is None:
-        sys.modules["IPython"] = types.ModuleType("IPython")
-        sys.modules["IPython"].get_ipython = lambda: None
-    return importlib.import_module("scgpt.model.generation_model")
-
-
 def worker(method: str, n_genes: int, batch: int, chunk: int, threads: int) -> dict:
     import torch
 
@@ -85,22 +68,22 @@ def worker(method: str, n_genes: int, batch: int, chunk: int, threads: int) -> d
         start = time.perf_counter()
         out = predictor(control, [genes[0]])
     else:
-        generation = _upstream_module()
-        model = generation.TransformerGenerator(
-            len(vocab), SIZE["d_model"], SIZE["nhead"], SIZE["d_hid"], SIZE["nlayers"],
-            nlayers_cls=3, n_cls=1, vocab=vocab, dropout=0.0, pad_token="<pad>",
-            pad_value=0, pert_pad_id=0,
-        ).eval()  # fmt: skip
-        ids = torch.tensor([vocab.get(g, vocab["<pad>"]) for g in genes]).repeat(batch, 1)
-        values = torch.from_numpy(control)
-        flags = torch.zeros(batch, n_genes, dtype=torch.long)
-        flags[:, 0] = 1
-        mask = torch.zeros(batch, n_genes, dtype=torch.bool)
-        base = _rss_mb()
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model(ids, values, flags, mask, CLS=False, CCE=False, MVC=False, ECS=False)
-        out = out["mlm_output"].numpy()
+        with upstream_scgpt(generation="model.generation_model") as up:
+            model = up.generation.TransformerGenerator(
+                len(vocab), SIZE["d_model"], SIZE["nhead"], SIZE["d_hid"], SIZE["nlayers"],
+                nlayers_cls=3, n_cls=1, vocab=vocab, dropout=0.0, pad_token="<pad>",
+                pad_value=0, pert_pad_id=0,
+            ).eval()  # fmt: skip
+            ids = torch.tensor([vocab.get(g, vocab["<pad>"]) for g in genes]).repeat(batch, 1)
+            values = torch.from_numpy(control)
+            flags = torch.zeros(batch, n_genes, dtype=torch.long)
+            flags[:, 0] = 1
+            mask = torch.zeros(batch, n_genes, dtype=torch.bool)
+            base = _rss_mb()
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model(ids, values, flags, mask, CLS=False, CCE=False, MVC=False, ECS=False)
+            out = out["mlm_output"].numpy()
     seconds = time.perf_counter() - start
     assert out.shape == (batch, n_genes) and np.isfinite(out).all()
     peak = _rss_mb()

@@ -43,19 +43,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
-import importlib.util
 import json
 import logging
-import pickle
 import resource
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
+from gears_processing import fake_go_files  # bench/ is on sys.path when run as a script
+
+from scgpt_vcc.model.upstream import upstream_scgpt
 
 REPO = Path(__file__).resolve().parents[1]
 SCGPT = str(Path(sys.executable).with_name("scgpt-vcc"))
@@ -94,7 +93,7 @@ def prepare(workdir: Path, n_cells: int, n_genes: int, n_perts: int, size: dict)
             *("--n-cells", str(n_cells), "--n-genes", str(n_genes)),
             *("--n-perturbations", str(n_perts), "--seed", "0"),
         )
-        _fake_go_files(paths["go_dir"], genes)
+        fake_go_files(paths["go_dir"], genes)
         converted = workdir / "converted.h5ad"
         _cli(log, "convert-to-gears", str(raw), str(converted))
         _cli(log, "compute-de", str(converted), str(pp), "--stats", str(d / "stats.npz"))
@@ -118,16 +117,6 @@ def prepare(workdir: Path, n_cells: int, n_genes: int, n_perts: int, size: dict)
             extra_vocab_genes=VOCAB_SIZE - n_in, **size, seed=0,
         )  # fmt: skip
     return {k: str(v) for k, v in paths.items()}
-
-
-def _fake_go_files(folder: Path, genes_csv: Path) -> None:
-    """GEARS insists on its GO files; give every gene one GO term (no internet here)."""
-    genes = genes_csv.read_text().split()
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "gene2go_all.pkl", "wb") as fh:
-        pickle.dump({g: {"GO:0000001"} for g in genes}, fh)
-    with open(folder / "essential_all_data_pert_genes.pkl", "wb") as fh:
-        pickle.dump(genes, fh)
 
 
 # --------------------------------------------------------------------------- workers
@@ -167,30 +156,16 @@ def run_ours(paths: dict, args: argparse.Namespace, workers: int, bf16: bool) ->
     return clock
 
 
-def _upstream():
-    """scgpt 0.2.4's model, utils and loss modules without ``scgpt/__init__.py``."""
-    spec = importlib.util.find_spec("scgpt")
-    if spec is None:
-        raise SystemExit("pip install --no-deps scgpt==0.2.4 (the reference)")
-    package = types.ModuleType("scgpt")
-    package.__path__ = list(spec.submodule_search_locations)
-    package.logger = logging.getLogger("scGPT")
-    sys.modules["scgpt"] = package
-    if importlib.util.find_spec("IPython") is None:
-        sys.modules["IPython"] = types.ModuleType("IPython")
-        sys.modules["IPython"].get_ipython = lambda: None
-    return types.SimpleNamespace(
-        generation=importlib.import_module("scgpt.model.generation_model"),
-        utils=importlib.import_module("scgpt.utils"),
-        loss=importlib.import_module("scgpt.loss"),
-    )
-
-
 def run_reference(paths: dict, args: argparse.Namespace, bf16: bool) -> StepClock:
+    modules = {"generation": "model.generation_model", "utils": "utils", "loss": "loss"}
+    with upstream_scgpt(**modules) as up:
+        return _train_reference(up, paths, args, bf16)
+
+
+def _train_reference(up, paths: dict, args: argparse.Namespace, bf16: bool) -> StepClock:
     import torch
     from gears import PertData
 
-    up = _upstream()
     torch.manual_seed(SEED)
     pert_data = PertData(paths["go_dir"])
     pert_data.load(data_path=paths["dataset"])

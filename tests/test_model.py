@@ -7,11 +7,9 @@ imported under a bare ``scgpt`` package object; if it is not installed the tests
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
+import contextlib
 import json
 import logging
-import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +27,10 @@ from scgpt_vcc.model import (
     write_random_checkpoint,
 )
 from scgpt_vcc.model.checkpoint import SCGPT_HUMAN_ARGS_KEYS, read_state_dict
+from scgpt_vcc.model.upstream import upstream_scgpt
 
 GENES = [f"GENE{i:04d}" for i in range(400)]
 SPECIALS = ["<pad>", "<cls>", "<eoc>"]
-UPSTREAM_VERSION = "0.2.4"
 
 
 @pytest.fixture(scope="module")
@@ -309,35 +307,14 @@ def test_match_genes_reports_unmatched(caplog: pytest.LogCaptureFixture) -> None
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[types.SimpleNamespace]:
     """scgpt 0.2.4's model modules, imported without running ``scgpt/__init__.py``."""
-    spec = importlib.util.find_spec("scgpt")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail(
-            f"scgpt {UPSTREAM_VERSION} is required as a test oracle: "
-            f"pip install --no-deps scgpt=={UPSTREAM_VERSION}"
-        )
-    version = importlib.metadata.version("scgpt")
-    if version != UPSTREAM_VERSION:
-        pytest.fail(f"scgpt {version} installed; the parity tests need {UPSTREAM_VERSION}")
-    saved = {k: v for k, v in sys.modules.items() if k == "scgpt" or k.startswith("scgpt.")}
-    package = types.ModuleType("scgpt")
-    package.__path__ = list(spec.submodule_search_locations)
-    package.logger = logging.getLogger("scGPT")  # what scgpt/__init__.py would define
-    sys.modules["scgpt"] = package
-    stub_ipython = importlib.util.find_spec("IPython") is None
-    if stub_ipython:
-        # scgpt.utils imports IPython.get_ipython only for notebook detection.
-        sys.modules["IPython"] = types.ModuleType("IPython")
-        sys.modules["IPython"].get_ipython = lambda: None  # type: ignore[attr-defined]
-    try:
-        generation = importlib.import_module("scgpt.model.generation_model")
-        pretrain = importlib.import_module("scgpt.model.model")
-        yield types.SimpleNamespace(generation=generation, pretrain=pretrain)
-    finally:
-        for key in [k for k in sys.modules if k == "scgpt" or k.startswith("scgpt.")]:
-            del sys.modules[key]
-        sys.modules.update(saved)
-        if stub_ipython:
-            del sys.modules["IPython"]
+    with contextlib.ExitStack() as stack:
+        try:
+            modules = stack.enter_context(
+                upstream_scgpt(generation="model.generation_model", pretrain="model.model")
+            )
+        except ImportError as err:
+            pytest.fail(f"the parity tests need the reference as a test oracle: {err}")
+        yield modules
 
 
 def _upstream_generator(
