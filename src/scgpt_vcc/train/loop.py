@@ -95,16 +95,19 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | N
 
     On GPU ``precision`` decides: ``auto`` is bf16 where supported (A100, A40, H100) and
     fp16 elsewhere (TITAN RTX, V100); bf16 asked of a GPU without it falls back to fp16.
-    On CPU ``cpu_amp`` gives bf16 where the CPU has it natively: 1.5-1.9x the fp32
-    cells/s in bench/train_throughput.py on a Zen 4 CPU, with the same loss curve to
-    1e-3 (docs/benchmarks.md).
+    On CPU ``cpu_amp`` gives bf16 where the CPU has it natively: 1.55x our fp32 cells/s
+    in bench/train_throughput.py on a Zen 4 CPU, with the same loss curve to 1e-3
+    (docs/benchmarks.md).
     """
     if not cfg.amp or cfg.precision == "fp32":
         return None
     if device.type != "cuda":
-        if cfg.cpu_amp and not cpu_has_native_bf16():
-            log.info("this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32")
-        return torch.bfloat16 if cfg.cpu_amp and cpu_has_native_bf16() else None
+        if not cfg.cpu_amp:
+            return None
+        if cpu_has_native_bf16():
+            return torch.bfloat16
+        log.info("this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32")
+        return None
     bf16_ok = torch.cuda.is_bf16_supported()
     if cfg.precision == "fp16" or not bf16_ok:
         if cfg.precision == "bf16":
