@@ -11,6 +11,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
+from scgpt_vcc.cli import main
 from scgpt_vcc.data import convert
 from scgpt_vcc.data.convert import convert_to_gears, gears_conditions
 from scgpt_vcc.errors import InputError
@@ -131,6 +132,64 @@ def test_missing_column_and_missing_controls(tmp_path: Path) -> None:
         convert_to_gears(path, tmp_path / "out.h5ad", perturbation_column="perturbation")
     with pytest.raises(InputError, match="underscore|'_'"):
         convert_to_gears(path, tmp_path / "out.h5ad", cell_type="K_562")
+
+
+@pytest.mark.parametrize("missing", [np.nan, None, "", "  "], ids=["nan", "none", "empty", "blank"])
+def test_missing_labels_are_refused(tmp_path: Path, missing: object) -> None:
+    labels = ["non-targeting", "A", missing, "A", missing, "non-targeting"]
+    path = _write(tmp_path, np.ones((6, 3), dtype=np.float32), target_gene=labels)
+    with pytest.raises(InputError, match=r"obs\['target_gene'\]: 2 cells have no label") as err:
+        convert_to_gears(path, tmp_path / "out.h5ad")
+    assert "bad.h5ad" in str(err.value) and "convert.drop_missing_labels: true" in str(err.value)
+    assert not (tmp_path / "out.h5ad").exists()
+
+
+def _with_missing_labels() -> tuple[ad.AnnData, np.ndarray]:
+    """14 cells, 6 of them unlabelled, rows 4-7 all unlabelled (one whole chunk of 4)."""
+    nt = "non-targeting"
+    labels = [nt, np.nan, "G2", nt, None, "", " ", np.nan, nt, "G1", "G2", nt, "", "G1"]
+    missing = np.array([1, 4, 5, 6, 7, 12])
+    counts = np.random.default_rng(0).poisson(3.0, size=(14, 4)).astype(np.float32)
+    obs = pd.DataFrame({"target_gene": labels}, index=[f"c{i}" for i in range(14)])
+    adata = ad.AnnData(
+        sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=["G0", "G1", "G2", "G3"])
+    )
+    return adata, np.setdiff1d(np.arange(14), missing)
+
+
+def test_cells_without_label_can_be_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    adata, kept = _with_missing_labels()
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    adata[kept].write_h5ad(tmp_path / "labelled.h5ad")
+    summary = convert_to_gears(
+        tmp_path / "in.h5ad", tmp_path / "out.h5ad", chunk_size=4, drop_missing_labels=True
+    )
+    assert "dropping 6 cells with no label in obs['target_gene']" in caplog.text
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert list(out.obs_names) == [f"c{i}" for i in kept]
+    expected = ["ctrl", "G2+ctrl", "ctrl", "ctrl", "G1+ctrl", "G2+ctrl", "ctrl", "G1+ctrl"]
+    assert list(out.obs["condition"]) == expected
+    assert "nan+ctrl" not in set(out.obs["condition"].cat.categories)
+    assert (summary.n_cells, summary.n_control_cells, summary.n_perturbations) == (8, 4, 2)
+    np.testing.assert_array_equal(out.layers["counts"].toarray(), adata.X[kept].toarray())
+    # the same as converting a file of the labelled cells only (target_sum included)
+    reference_summary = convert_to_gears(tmp_path / "labelled.h5ad", tmp_path / "ref.h5ad")
+    reference = ad.read_h5ad(tmp_path / "ref.h5ad")
+    assert summary == reference_summary
+    assert (out.X != reference.X).nnz == 0
+    pd.testing.assert_frame_equal(out.obs, reference.obs, check_categorical=False)
+
+
+def test_cli_parses_drop_missing_labels(tmp_path: Path) -> None:
+    adata, kept = _with_missing_labels()
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    args = ["convert-to-gears", str(tmp_path / "in.h5ad"), str(tmp_path / "out.h5ad")]
+    assert main([*args, "--drop-missing-labels", "False"]) == 2  # as cli_options renders False
+    assert not (tmp_path / "out.h5ad").exists()
+    assert main([*args, "--drop-missing-labels", "True"]) == 0
+    assert ad.read_h5ad(tmp_path / "out.h5ad").n_obs == len(kept)
 
 
 def test_interrupted_conversion_leaves_no_output(

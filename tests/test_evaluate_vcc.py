@@ -61,8 +61,16 @@ def test_challenge_score_matches_cell_eval_scoring() -> None:
             }
         )
 
-    for user in [(0.3, 0.7, 0.02), (0.05, 0.4, 0.05), (0.2, 0.5, 0.027)]:
-        base = (0.106, 0.515, 0.027)
+    cases = [
+        ((0.3, 0.7, 0.02), (0.106, 0.515, 0.027)),
+        ((0.05, 0.4, 0.05), (0.106, 0.515, 0.027)),
+        ((0.2, 0.5, 0.027), (0.106, 0.515, 0.027)),
+        # A baseline at the best value (PDS 1 with two held-out perturbations, MAE 0): no
+        # room to improve, cell-eval scores 0 where it divides by zero.
+        ((0.2, 1.0, 0.0), (0.1, 1.0, 0.0)),
+        ((0.2, 0.5, 0.01), (0.1, 1.0, 0.0)),
+    ]
+    for user, base in cases:
         theirs = score_agg_metrics(agg(*user), agg(*base)).to_pandas().set_index("metric")
         ours = challenge_score(
             dict(zip(NAMES, user, strict=True)), dict(zip(NAMES, base, strict=True))

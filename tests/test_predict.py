@@ -11,15 +11,28 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from cell_eval._baseline import _build_pert_baseline
 
 from scgpt_vcc.data.de import compute_de
 from scgpt_vcc.data.pairing import read_pairing, write_pairing
 from scgpt_vcc.model import load_model, save_checkpoint, write_random_checkpoint
 from scgpt_vcc.model.checkpoint import read_args, read_vocab
-from scgpt_vcc.predict.baselines import condition_means, fit_linear, train_mean_vector
+from scgpt_vcc.predict.baselines import (
+    condition_means,
+    fit_baseline,
+    fit_linear,
+    scgpt_perturbation_embedding,
+)
 from scgpt_vcc.predict.cells import ExpressionData
-from scgpt_vcc.predict.run import PredictSettings, predict_heldout, write_real
-from scgpt_vcc.predict.scgpt import gene_chunks, load_predictor
+from scgpt_vcc.predict.population import match_mean
+from scgpt_vcc.predict.run import (
+    PredictSettings,
+    build_model,
+    predict_heldout,
+    reference_for,
+    write_real,
+)
+from scgpt_vcc.predict.scgpt import _Moments, gene_chunks, load_predictor
 
 torch.set_num_threads(1)
 
@@ -34,14 +47,22 @@ def _tiny_h5ad(path: Path, conditions: list[str], x: np.ndarray) -> Path:
     return path
 
 
-def test_train_mean_is_mean_of_perturbation_means(tmp_path: Path) -> None:
-    x = np.array([[1, 0], [3, 0], [2, 2], [0, 4], [0, 4], [0, 1]], dtype=float)
-    conds = ["ctrl", "ctrl", "A+ctrl", "B+ctrl", "B+ctrl", "B+ctrl"]
+def test_train_mean_is_cell_evals_baseline(tmp_path: Path) -> None:
+    """The mean of the group means, control group included, as cell-eval builds it."""
+    rng = np.random.default_rng(4)
+    conds = ["ctrl"] * 5 + ["A+ctrl"] * 2 + ["B+ctrl"] * 7
+    x = rng.gamma(1.0, 1.0, size=(len(conds), 6))
     data = ExpressionData(_tiny_h5ad(tmp_path / "t.h5ad", conds, x))
-    means = condition_means(data, ["A+ctrl", "B+ctrl", "ctrl"], chunk_size=4)
-    np.testing.assert_allclose(means, [[2, 2], [0, 3], [2, 0]])
-    # Mean of the two perturbation means, not of the four perturbed cells ([0.5, 2.75]).
-    np.testing.assert_allclose(train_mean_vector(means[:2]), [1.0, 2.5])
+    model = fit_baseline("train_mean", data, ["A+ctrl", "B+ctrl", "ctrl"])
+    labels = ["non-targeting" if c == "ctrl" else c.split("+")[0] for c in conds]
+    reference = ad.AnnData(
+        x.astype(np.float32), obs=pd.DataFrame({"target_gene": labels}, index=data.obs_names)
+    )
+    expected = _build_pert_baseline(reference, "target_gene", "non-targeting")
+    np.testing.assert_allclose(model.vector, expected, rtol=1e-6)
+    # Not the mean over perturbations only (the control group counts as one group).
+    perturbation_only = (x[5:7].mean(axis=0) + x[7:].mean(axis=0)) / 2
+    assert not np.allclose(model.vector, perturbation_only)
 
 
 def test_linear_recovers_planted_linear_effect() -> None:
@@ -113,12 +134,12 @@ def heldout(converted_path: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 def test_scgpt_covers_all_genes_with_control_fallback_outside_vocab(heldout: dict) -> None:
     data = ExpressionData(heldout["data"])
-    predictor = load_predictor(heldout["finetuned"], data.genes, finetuned=True, chunk_size=64)
+    predictor = load_predictor(heldout["finetuned"], data.genes, chunk_size=64)
     match = predictor.match
     assert 0 < match.n_matched < data.n_genes
     target = data.genes[int(match.input_positions[5])]
     control = data.read(data.control_rows[:6])
-    pred = predictor(control, [target])
+    pred = predictor.cells(control, [target])
     assert pred.shape == control.shape
     outside = ~match.matched
     np.testing.assert_array_equal(pred[:, outside], control[:, outside])
@@ -127,12 +148,12 @@ def test_scgpt_covers_all_genes_with_control_fallback_outside_vocab(heldout: dic
     assert changed.all(axis=0).mean() > 0.95
     # A target outside the vocabulary: the whole cell keeps the control values.
     oov_target = data.genes[int(np.flatnonzero(outside)[0])]
-    np.testing.assert_array_equal(predictor(control, [oov_target]), control)
+    np.testing.assert_array_equal(predictor.cells(control, [oov_target]), control)
 
 
 def test_one_chunk_equals_full_length_forward(heldout: dict) -> None:
     data = ExpressionData(heldout["data"])
-    predictor = load_predictor(heldout["finetuned"], data.genes, finetuned=True, chunk_size=10**6)
+    predictor = load_predictor(heldout["finetuned"], data.genes, chunk_size=10**6)
     cols = predictor.input_columns
     target = data.genes[int(cols[3])]
     control = data.read(data.control_rows[:4])
@@ -142,7 +163,9 @@ def test_one_chunk_equals_full_length_forward(heldout: dict) -> None:
         full = predictor.model(
             predictor.input_ids.expand(4, -1), torch.from_numpy(control[:, cols]), flags
         ).numpy()
-    np.testing.assert_allclose(predictor(control, [target])[:, cols], full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        predictor.cells(control, [target])[:, cols], full, rtol=1e-5, atol=1e-5
+    )
 
 
 def _check_format(path: Path, data: ExpressionData, expected: dict[str, int]) -> ad.AnnData:
@@ -152,6 +175,10 @@ def _check_format(path: Path, data: ExpressionData, expected: dict[str, int]) ->
     assert adata.obs["target_gene"].value_counts().to_dict() == expected
     assert adata.X.data.min() >= 0 and adata.X.data.max() < 15
     return adata
+
+
+def _pseudobulk(adata: ad.AnnData, label: str) -> np.ndarray:
+    return np.asarray(adata[adata.obs["target_gene"] == label].X.mean(axis=0)).ravel()
 
 
 def test_prediction_files(heldout: dict) -> None:
@@ -166,19 +193,158 @@ def test_prediction_files(heldout: dict) -> None:
     real = _check_format(out / "real.h5ad", data, expected)
     predict_heldout("control", *args, out / "control.h5ad", settings)
     control = _check_format(out / "control.h5ad", data, expected)
-    # control: each predicted cell is its paired control cell, unchanged.
+    # control: each predicted cell starts from its paired control cell ...
     pairing = read_pairing(heldout["pairing"])
     perturbed = (control.obs["target_gene"] != "non-targeting").to_numpy()
     real_rows = [int(np.flatnonzero(data.obs_names == n)[0]) for n in real.obs_names[perturbed]]
     np.testing.assert_array_equal(
         control.obs["input_row"].to_numpy()[perturbed], pairing[real_rows]
     )
-    np.testing.assert_array_equal(control.X[perturbed].toarray(), data.read(pairing[real_rows]))
+    # ... rescaled per gene so that the cells' mean is the mean of all control cells;
+    # zeros stay zeros.
+    all_controls = data.read(data.control_rows).mean(axis=0, dtype=np.float64)
+    for gene in real_counts:
+        group = (control.obs["target_gene"] == gene).to_numpy()
+        inputs = data.read(control.obs["input_row"].to_numpy()[group])
+        cells = control.X[group].toarray()
+        np.testing.assert_allclose(cells.mean(axis=0), all_controls, atol=2e-6)
+        scale = all_controls / np.where(inputs.mean(axis=0) > 0, inputs.mean(axis=0), 1)
+        expressed = inputs.mean(axis=0) > 0
+        np.testing.assert_allclose(cells[:, expressed], (inputs * scale)[:, expressed], rtol=1e-5)
+        # Genes no input cell expresses: every cell at the control mean.
+        np.testing.assert_allclose(
+            cells[:, ~expressed], np.tile(all_controls[~expressed], (len(cells), 1)), atol=1e-6
+        )
     # The same control cells in the prediction and the real file.
     np.testing.assert_array_equal(control.X[~perturbed].toarray(), real.X[~perturbed].toarray())
 
-    fixed = PredictSettings(seed=1, chunk_size=64, batch_size=16, n_cells=7, n_control_cells=20)
-    predict_heldout(
-        "scgpt_pretrained", *args, out / "pre.h5ad", fixed, model_dir=heldout["pretrained"]
+    fixed = PredictSettings(
+        seed=1, chunk_size=64, batch_size=16, n_cells=7, n_control_cells=20, n_reference_cells=30
     )
-    _check_format(out / "pre.h5ad", data, {"non-targeting": 20, **dict.fromkeys(real_counts, 7)})
+    predict_heldout(
+        "scgpt_finetuned", *args, out / "scgpt.h5ad", fixed, model_dir=heldout["finetuned"]
+    )
+    scgpt = _check_format(
+        out / "scgpt.h5ad", data, {"non-targeting": 20, **dict.fromkeys(real_counts, 7)}
+    )
+    construction = scgpt.uns["scgpt_vcc_prediction"]["construction"]
+    assert set(construction["redraw_deviation"]) == set(real_counts)
+    assert 0 < construction["max_redraw_deviation"] < 1
+
+
+def test_pseudobulk_is_the_models_population_mean(heldout: dict) -> None:
+    """control: the mean of all controls; linear: c + b + G W p; scGPT: its estimate."""
+    data = ExpressionData(heldout["data"])
+    out = heldout["out"] / "population"
+    split = {"train": [], "test": heldout["test"]}
+    with (heldout["out"] / "split.pkl").open("rb") as fh:
+        split["train"] = pickle.load(fh)["train"]
+    # Few cells per perturbation, drawn from the controls: a sample mean would be noisy.
+    settings = PredictSettings(seed=2, chunk_size=64, batch_size=16, n_cells=5)
+    args = (heldout["data"], heldout["split"], heldout["pairing"])
+    reference = reference_for(data, settings)
+    np.testing.assert_allclose(reference.mean, data.read(data.control_rows).mean(axis=0), atol=1e-6)
+    for model_type in ("control", "linear", "train_mean", "scgpt_finetuned"):
+        folder = heldout["finetuned"] if model_type.startswith("scgpt") else None
+        predict_heldout(model_type, *args, out / f"{model_type}.h5ad", settings, folder)
+        written = ad.read_h5ad(out / f"{model_type}.h5ad")
+        model = build_model(model_type, data, split["train"], settings, folder)
+        for condition in heldout["test"]:
+            targets = [condition.split("+")[0]]
+            expected = np.maximum(model.population_mean(targets, reference).values, 0)
+            np.testing.assert_allclose(_pseudobulk(written, targets[0]), expected, atol=2e-6)
+    linear = fit_baseline("linear", data, split["train"])
+    means = condition_means(data, [*[c for c in split["train"] if c != "ctrl"], "ctrl"])
+    closed = fit_linear(
+        data.genes, means[:-1], [c for c in split["train"] if c != "ctrl"], means[-1]
+    )
+    target = [heldout["test"][0].split("+")[0]]
+    np.testing.assert_allclose(
+        linear.population_mean(target, reference).values, means[-1] + closed.change(target)
+    )
+
+
+def test_control_mae_is_not_inflated_by_sampling(tmp_path: Path) -> None:
+    """Truth = the control cells shifted by a known amount: MAE is exactly the shift's."""
+    rng = np.random.default_rng(5)
+    controls = rng.gamma(2.0, 0.5, size=(200, 8)) * (rng.random((200, 8)) > 0.3)
+    shift = np.linspace(0.05, 0.4, 8)
+    x = np.vstack([controls, controls + shift, controls[:50]])
+    conds = ["ctrl"] * 200 + ["A+ctrl"] * 200 + ["B+ctrl"] * 50
+    path = _tiny_h5ad(tmp_path / "shift.h5ad", conds, x)
+    with (tmp_path / "split.pkl").open("wb") as fh:
+        pickle.dump({"train": ["B+ctrl", "ctrl"], "val": [], "test": ["A+ctrl"]}, fh)
+    write_pairing(path, tmp_path / "pairing.npz", 1)
+    settings = PredictSettings(seed=1, n_cells=20, n_reference_cells=None)
+    args = (path, tmp_path / "split.pkl", tmp_path / "pairing.npz")
+    predict_heldout("control", *args, tmp_path / "control.h5ad", settings)
+    write_real(*args, tmp_path / "real.h5ad", settings)
+    predicted = _pseudobulk(ad.read_h5ad(tmp_path / "control.h5ad"), "A")
+    truth = _pseudobulk(ad.read_h5ad(tmp_path / "real.h5ad"), "A")
+    np.testing.assert_allclose(np.abs(predicted - truth).mean(), shift.mean(), atol=1e-6)
+
+
+def test_match_mean_keeps_the_mean_and_the_zeros_when_clipping() -> None:
+    rng = np.random.default_rng(6)
+    cells = rng.normal(1.0, 1.0, size=(40, 5)) * (rng.random((40, 5)) > 0.3)
+    cells[:, 4] = 0.0  # a gene the model never expresses in these cells
+    mean = np.array([2.0, 0.5, 0.1, -0.3, 0.7])
+    out, negative, filled = match_mean(cells, mean)
+    assert out.min() >= 0 and negative == int((cells < 0).sum()) > 0
+    np.testing.assert_allclose(out.mean(axis=0), np.maximum(mean, 0), atol=1e-6)
+    positive = np.maximum(cells[:, :3], 0)
+    np.testing.assert_array_equal(out[:, :3] == 0, positive == 0)  # zeros stay zeros
+    factor = mean[:3] / positive.mean(axis=0)  # one factor per gene
+    np.testing.assert_allclose(out[:, :3], positive * factor, rtol=1e-5)
+    np.testing.assert_array_equal(out[:, 3], 0)  # a negative mean: every cell at 0
+    assert filled == 1 and np.allclose(out[:, 4], 0.7)  # no expression: filled with the mean
+
+
+def test_regression_estimator_is_exact_for_a_response_linear_in_the_input() -> None:
+    rng = np.random.default_rng(7)
+    population = rng.gamma(2.0, 1.0, size=(5000, 4))
+    sample = population[rng.choice(5000, 100, replace=False)]
+    moments = _Moments(4)
+    moments.add(sample, 0.7 * sample + 0.2)
+    np.testing.assert_allclose(
+        moments.regression_mean(population.mean(axis=0)), 0.7 * population.mean(axis=0) + 0.2
+    )
+
+
+def test_linear_with_external_perturbation_embedding() -> None:
+    """Effects linear in an outside embedding of the target are recovered from it."""
+    rng = np.random.default_rng(8)
+    n_genes, k = 50, 3
+    genes = [f"G{i}" for i in range(n_genes)]
+    outside = {g: rng.normal(size=k) for g in genes}
+    train = genes[:30]
+    mean_train = np.mean([outside[g] for g in train], axis=0)
+    outside = {g: v - mean_train for g, v in outside.items()}
+    loadings = rng.normal(size=(n_genes, k))
+    loadings -= loadings.mean(axis=0)  # G is a PCA of gene-centred profiles
+    control = np.full(n_genes, 3.0)
+    means = np.array([control + loadings @ outside[g] for g in train])
+    model = fit_linear(
+        genes, means, [f"{g}+ctrl" for g in train], control, pca_dim=k, ridge=1e-9,
+        perturbation_embedding=outside,
+    )  # fmt: skip
+    for gene in genes[30:]:
+        np.testing.assert_allclose(model.change([gene]), loadings @ outside[gene], atol=1e-5)
+
+
+def test_scgpt_perturbation_embedding_projects_the_checkpoint_rows(heldout: dict) -> None:
+    data = ExpressionData(heldout["data"])
+    table = scgpt_perturbation_embedding(heldout["pretrained"], data.genes, 4)
+    vocab = read_vocab(heldout["pretrained"] / "vocab.json")
+    assert set(table) == {g for g in data.genes if g in vocab}
+    rows = load_model(heldout["pretrained"]).encoder.embedding.weight.detach().double().numpy()
+    names = sorted(table)
+    embedded = rows[[vocab[g] for g in names]]
+    projected = np.array([table[g] for g in names])
+    # PCA scores: centred, uncorrelated, and a linear function of the centred rows.
+    np.testing.assert_allclose(projected.mean(axis=0), 0, atol=1e-8)
+    gram = projected.T @ projected
+    np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-6)
+    centred = embedded - embedded.mean(axis=0)
+    solution, *_ = np.linalg.lstsq(centred, projected, rcond=None)
+    np.testing.assert_allclose(centred @ solution, projected, atol=1e-6)

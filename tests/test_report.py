@@ -9,9 +9,8 @@ from pathlib import Path
 import anndata as ad
 import pytest
 
+from scgpt_vcc.predict import MODEL_TYPES
 from tests.conftest import run_snakemake, write_tiny_config
-
-MODEL_TYPES = ("scgpt_finetuned", "scgpt_pretrained", "control", "train_mean", "linear")
 
 
 @pytest.mark.slow
@@ -32,7 +31,13 @@ def test_demo_end_to_end_and_report(workflow_dir: Path) -> None:
             (workflow_dir / f"results/eval/demo/seed1/{model_type}/metrics.json").read_text()
         )
         assert {"pearson", "pearson_delta", "des", "pds", "mae"} <= set(metrics)
+    # The submission's model trained on every training perturbation, not on a seed's split.
+    run_log = (workflow_dir / "results/models/demo/submission/scgpt_finetuned/run.log").read_text()
+    assert "split demo_all_train_1_0.75.pkl" in run_log
     submission = workflow_dir / "results/submission/demo"
+    assert json.loads((submission / "submission.json").read_text())["split"].endswith(
+        "demo_all_train_1_0.75.pkl"
+    )
     with tarfile.open(submission / "prediction.prep.vcc") as archive:
         assert "pred.h5ad.zst" in archive.getnames()
     score = json.loads((submission / "score.json").read_text())
@@ -54,6 +59,6 @@ def test_demo_end_to_end_and_report(workflow_dir: Path) -> None:
     ):
         assert name in html, name
     # The rule graph: every rule of the run is a node of the embedded graph.
-    rules = ("finetune", "predict_scgpt", "predict_baseline", "evaluate", "submission")
-    for rule in (*rules, "summarize_eval"):
+    rules = ("finetune", "finetune_submission", "predict_scgpt", "predict_baseline", "evaluate")
+    for rule in (*rules, "submission", "summarize_eval"):
         assert f'"rule": "{rule}"' in html, rule

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -186,3 +187,34 @@ def test_two_gloo_processes_follow_the_single_process_loss_curve(train_inputs, t
     a = read_state_dict(tmp_path / "one" / "best_model.pt")
     b = read_state_dict(tmp_path / "two" / "best_model.pt")
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+@pytest.mark.parametrize("split", [{"test": ["A+ctrl"]}, {"train": [], "val": [], "test": []}])
+def test_a_split_that_trains_nothing_is_refused(train_inputs, tmp_path, split):
+    """GEARS's no_split (only 'test') and an empty train list never mean 'train on all'."""
+    path = tmp_path / "split.pkl"
+    with path.open("wb") as fh:
+        pickle.dump(split, fh)
+    cfg = TrainConfig(epochs=1, **FAST)
+    with pytest.raises(InputError, match="train"):
+        finetune(
+            train_inputs["data"], train_inputs["pairing"], train_inputs["checkpoint"],
+            tmp_path / "model", cfg, split=path,
+        )  # fmt: skip
+    assert not (tmp_path / "model" / "best_model.pt").exists()
+
+
+def test_scratch_run_loads_nothing_from_the_checkpoint(train_inputs, tmp_path):
+    """``--load-prefixes ''`` (scgpt_scratch): every parameter starts from random values."""
+    out = tmp_path / "scratch"
+    subprocess.run(
+        [CLI, "finetune", "--data", str(train_inputs["data"]),
+         "--pairing", str(train_inputs["pairing"]), "--split", str(train_inputs["split_noval"]),
+         "--checkpoint-dir", str(train_inputs["checkpoint"]), "--outdir", str(out),
+         "--load-prefixes", "", "--max-seq-len", "128", "--batch-size", "16", "--workers", "0",
+         "--epochs", "1", "--max-steps", "1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    log = (out / "run.log").read_text()
+    assert "loaded 0 tensors" in log
+    assert "split split_noval.pkl:" in log

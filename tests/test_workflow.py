@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anndata as ad
+import pandas as pd
 import pytest
 
 from tests.conftest import run_snakemake, write_tiny_config
@@ -65,3 +66,23 @@ def test_demo_inputs_and_conversion_run(workflow_dir: Path) -> None:
     assert set(converted.obs["condition"]) >= {"ctrl"}
     assert (workflow_dir / "logs/demo/convert_to_gears.log").read_text()
     assert (workflow_dir / "benchmarks/demo/convert_to_gears.tsv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["simulation_single", "custom"])
+def test_every_evaluation_split_runs_end_to_end(workflow_dir: Path, split: str) -> None:
+    """The schema's other splits (simulation runs in the demo tests) reach the summary."""
+    config = write_tiny_config(workflow_dir)
+    run_snakemake(workflow_dir, "resources/demo/adata_Training.h5ad", "--configfile", config)
+    obs = ad.read_h5ad(workflow_dir / "resources/demo/adata_Training.h5ad", backed="r").obs
+    targets = sorted(set(obs["target_gene"].astype(str)) - {"non-targeting"})
+    held_out = [f"{t}+ctrl" for t in targets[:2]] if split == "custom" else []
+    config = write_tiny_config(
+        workflow_dir, gears={"split": split, "test_perts": held_out}, train={"epochs": 1}
+    )
+    run_snakemake(workflow_dir, "--configfile", config)
+    table = pd.read_csv(workflow_dir / "results/eval/demo/seed1/linear/per_perturbation.csv")
+    assert len(table) > 0
+    if held_out:
+        assert sorted(table["perturbation"]) == targets[:2]
+    assert (workflow_dir / "results/eval/demo/summary.md").exists()

@@ -70,23 +70,65 @@ def test_second_run_does_nothing(finished_copy: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("rule", "overrides"),
+    ("changed", "overrides"),
     [
-        ("compute_de", {"gears": {"chunk_size": 123}}),
-        ("finetune", {"train": {"lr": 0.0003}}),
-        ("finetune", {"gpu_class": "titanrtx"}),
+        (["compute_de"], {"gears": {"chunk_size": 123}}),
+        (["finetune", "finetune_submission"], {"train": {"lr": 0.0003}}),
+        (["finetune", "finetune_submission"], {"gpu_class": "titanrtx"}),
+        (["submission"], {"submission": {"max_cells": 5000}}),
     ],
-    ids=["de-chunk-size", "learning-rate", "gpu-class"],
+    ids=["de-chunk-size", "learning-rate", "gpu-class", "submission-cap"],
 )
 def test_param_change_reruns_the_rule_and_what_follows(
-    finished_copy: Path, rule: str, overrides: dict
+    finished_copy: Path, changed: list[str], overrides: dict
 ) -> None:
-    expected = plan(finished_copy, "--configfile", "config/tiny.yaml", "--forcerun", rule)
-    assert rule in rules(expected)
+    expected = plan(finished_copy, "--configfile", "config/tiny.yaml", "--forcerun", *changed)
+    assert set(changed) <= set(rules(expected))
     config = write_tiny_config(finished_copy, **overrides)
     jobs = plan(finished_copy, "--configfile", config)
     assert rules(jobs) == rules(expected)
-    assert "params" in next(j for j in jobs if j.rule == rule).reason.lower()
+    for rule in changed:
+        assert "params" in next(j for j in jobs if j.rule == rule).reason.lower()
+
+
+def test_dry_run_plans_the_submission_model_and_the_scratch_ablation(tmp_path: Path) -> None:
+    """Per seed: scGPT finetuned and from scratch; once: the all_train submission model."""
+    workdir = copy_workflow(tmp_path)
+    jobs = plan(workdir, "--configfile", write_tiny_config(workdir, seeds=[1, 2]))
+    trained = sorted(j.wildcards for j in jobs if j.rule == "finetune")
+    assert trained == [
+        f"seed={s}, model_type={m}" for s in (1, 2) for m in ("scgpt_finetuned", "scgpt_scratch")
+    ]
+    submission_model = [j for j in jobs if j.rule == "finetune_submission"]
+    assert [j.wildcards for j in submission_model] == ["model_type=scgpt_finetuned"]
+    assert submission_model[0].gpu_type == "a40"
+    assert [j.rule for j in jobs].count("build_submission_split") == 1
+    baseline = plan(
+        workdir, "--configfile", write_tiny_config(workdir, submission={"model": "linear_scgpt"})
+    )
+    assert "finetune_submission" not in rules(baseline)
+    assert next(j for j in baseline if j.rule == "submission").gpu_type is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "complaint"),
+    [
+        ({"gears": {"split": "no_split"}}, "gears"),
+        ({"gears": {"split": "no_test"}}, "gears"),
+        ({"gears": {"split": "all_train"}}, "gears"),
+        ({"gears": {"split": "custom"}}, "gears.test_perts"),
+    ],
+    ids=["no_split", "no_test", "all_train", "custom-without-test-perts"],
+)
+def test_splits_that_cannot_be_evaluated_are_refused(
+    tmp_path: Path, overrides: dict, complaint: str
+) -> None:
+    workdir = copy_workflow(tmp_path)
+    config = write_tiny_config(workdir, **overrides)
+    result = run_snakemake(workdir, "-n", "--configfile", config, check=False)
+    assert result.returncode != 0
+    message = result.stdout + result.stderr
+    assert complaint in message and overrides["gears"]["split"] in message
 
 
 @pytest.mark.slow

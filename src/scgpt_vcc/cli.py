@@ -108,6 +108,12 @@ def _add_convert_to_gears(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--perturbation-column", default="target_gene")
     p.add_argument("--target-sum", type=float, default=None, help="default: median total count")
     p.add_argument("--chunk-size", type=int, default=10000, help="cells read at a time")
+    p.add_argument(
+        "--drop-missing-labels",
+        type=_bool,
+        default=False,
+        help="drop cells without a perturbation label instead of stopping (true/false)",
+    )
 
     def run(a: argparse.Namespace) -> None:
         from scgpt_vcc.data.convert import convert_to_gears
@@ -120,6 +126,7 @@ def _add_convert_to_gears(sub: argparse._SubParsersAction) -> None:
             perturbation_column=a.perturbation_column,
             target_sum=a.target_sum,
             chunk_size=a.chunk_size,
+            drop_missing_labels=a.drop_missing_labels,
         )
 
     p.set_defaults(handler=run)
@@ -211,8 +218,9 @@ def _add_build_split(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="simulation")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--train-gene-set-size", type=float, default=0.75)
-    p.add_argument("--test-perts", nargs="*", default=[], help="custom split: test conditions")
-    p.add_argument("--val-perts", nargs="*", default=[], help="custom split: validation conditions")
+    # extend: the workflow passes one flag per condition; nargs="*" alone keeps only the last.
+    p.add_argument("--test-perts", nargs="+", action="extend", default=[], help="custom: test")
+    p.add_argument("--val-perts", nargs="+", action="extend", default=[], help="custom: val")
     p.add_argument(
         "--min-cells", type=int, default=0, help="leave out perturbations with fewer cells"
     )
@@ -249,6 +257,10 @@ def _add_data_qc(sub: argparse._SubParsersAction) -> None:
         write_qc(a.stats, a.vocab, a.outdir, a.min_cells)
 
     p.set_defaults(handler=run)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "null", "all") else int(text)
 
 
 def _bool(text: str) -> bool:
@@ -423,11 +435,25 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
         "--n-cells", type=int, default=None, help="cells per perturbation (default: as real)"
     )
     p.add_argument("--n-control-cells", type=int, default=None, help="control cells (default: all)")
-    p.add_argument("--batch-size", type=int, default=64, help="cells per model call")
-    p.add_argument("--chunk-size", type=int, default=1536, help="genes per model input")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--linear-pca-dim", type=int, default=10)
-    p.add_argument("--linear-ridge", type=float, default=0.1)
+    _add_model_options(p)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options of the models themselves, shared by predict, heldout-real and submission."""
+    from scgpt_vcc.predict.run import PredictSettings
+
+    d = PredictSettings()
+    p.add_argument(
+        "--n-reference-cells",
+        type=_optional_int,
+        default=d.n_reference_cells,
+        help="control cells scGPT's population mean is estimated over ('none': all)",
+    )
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="cells per model call")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="genes per model input")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda")
+    p.add_argument("--linear-pca-dim", type=int, default=d.linear_pca_dim)
+    p.add_argument("--linear-ridge", type=float, default=d.linear_ridge)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
 
 
@@ -442,6 +468,7 @@ def _predict_settings(a: argparse.Namespace):
         seed=a.seed,
         n_cells=getattr(a, "n_cells", None),
         n_control_cells=getattr(a, "n_control_cells", None),
+        n_reference_cells=a.n_reference_cells,
         batch_size=a.batch_size,
         chunk_size=a.chunk_size,
         device=a.device,
@@ -450,12 +477,21 @@ def _predict_settings(a: argparse.Namespace):
     )
 
 
+def _add_model_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="trained folder (scgpt_*), pretrained checkpoint (linear_scgpt)",
+    )
+
+
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     from scgpt_vcc.predict import MODEL_TYPES
 
     p = sub.add_parser("predict", help="predict the held-out perturbations with one model type")
     p.add_argument("--model-type", choices=MODEL_TYPES, required=True)
-    p.add_argument("--model-dir", type=Path, default=None, help="scGPT folder (scgpt_* only)")
+    _add_model_dir(p)
     p.add_argument("--output", type=Path, required=True, help="{model_type}.h5ad to write")
     _add_predict_options(p)
 
@@ -485,20 +521,24 @@ def _add_heldout_real(sub: argparse._SubParsersAction) -> None:
 def _add_submission_options(p: argparse.ArgumentParser) -> None:
     from scgpt_vcc.predict import MODEL_TYPES
 
-    p.add_argument("--data", type=Path, required=True, help="converted.h5ad (training data)")
+    p.add_argument(
+        "--data", type=Path, required=True, help="perturb_processed.h5ad (training data)"
+    )
     p.add_argument("--counts", type=Path, required=True, help="target_gene,n_cells,... CSV")
     p.add_argument("--gene-names", type=Path, required=True, help="gene_names.csv (no header)")
     p.add_argument("--model-type", choices=MODEL_TYPES, default="scgpt_finetuned")
-    p.add_argument("--model-dir", type=Path, default=None, help="scGPT folder (scgpt_* only)")
+    _add_model_dir(p)
+    p.add_argument("--split", type=Path, required=True, help="all_train split: what it fits on")
     p.add_argument("--max-cells", type=int, default=100_000)
     p.add_argument("--min-control-cells", type=int, default=1000)
+    p.add_argument(
+        "--target-sum",
+        type=float,
+        default=None,
+        help="depth of the submission's scale (default: estimated from the counts CSV)",
+    )
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=1536)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--linear-pca-dim", type=int, default=10)
-    p.add_argument("--linear-ridge", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=None)
+    _add_model_options(p)
 
 
 def _submission_settings(a: argparse.Namespace):
@@ -509,6 +549,7 @@ def _submission_settings(a: argparse.Namespace):
         max_cells=a.max_cells,
         min_control_cells=a.min_control_cells,
         seed=a.seed,
+        target_sum=a.target_sum,
     )
 
 
@@ -522,6 +563,7 @@ def _add_submission(sub: argparse._SubParsersAction) -> None:
 
         make_submission(
             a.data,
+            a.split,
             a.counts,
             a.gene_names,
             a.outdir,
@@ -547,6 +589,7 @@ def _add_score_submission(sub: argparse._SubParsersAction) -> None:
             a.submission,
             a.truth,
             a.data,
+            a.split,
             a.counts,
             a.gene_names,
             a.output,

@@ -220,6 +220,11 @@ class H5adStreamWriter:
         for group in ("obsm", "varm", "obsp", "varp"):
             write_elem(self._file, group, {})
 
+    def set_uns(self, uns: Mapping[str, Any]) -> None:
+        """Replace ``uns`` (for what is known only once the rows are written)."""
+        del self._file["uns"]
+        write_elem(self._file, "uns", dict(uns))
+
     def append(self, x: sp.csr_matrix, layers: Mapping[str, sp.csr_matrix] | None = None) -> None:
         self._append("X", x)
         for name, block in (layers or {}).items():

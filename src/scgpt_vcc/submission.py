@@ -1,12 +1,23 @@
 """Virtual Cell Challenge submission: predicted cells per listed perturbation, packed by cell-eval.
 
+Model: the submission's model is trained (scGPT) or fitted (baselines) on **every**
+training perturbation, the ``all_train`` split, never on an evaluation seed's split.
+
 For each row of the counts CSV (``target_gene,n_cells,median_umi_per_cell``: the
 validation list, or the test-phase list) ``n_cells`` cells are predicted, each from a
-control cell of the training data drawn at random (seeded), with the configured model
-type. The training ``non-targeting`` cells are added unchanged. Everything is on the
-scale of ``converted.h5ad``: log1p of counts normalised to the training data's median
-depth, which cell-eval accepts as already normalised (fractional values in [0, 15)); never
-CP10k against counts. Genes follow ``gene_names.csv`` (no header).
+control cell of the training data drawn at random (seeded), rescaled to the model's
+population mean like every prediction (:mod:`scgpt_vcc.predict.population`). The training
+``non-targeting`` cells are added unchanged.
+
+Scale: cell-eval normalises the real (count) cells of the scored file to *that file's*
+median total count before log1p, so the submission is log1p of counts normalised to that
+depth, the ``target_sum``. The scorer's file is not available to the user; its depth is
+estimated from the counts CSV as the cell-weighted median of ``median_umi_per_cell``
+(:func:`estimate_target_sum`), or set by ``submission.target_sum``. Predictions are made on
+the training data's scale (log1p of counts normalised to the training median) and
+re-expressed at the target sum (:func:`scgpt_vcc.predict.cells.rescale_log1p`). cell-eval
+accepts fractional values in [0, 15) as already normalised; never CP10k against counts.
+Genes follow ``gene_names.csv`` (no header).
 
 Cell cap (``max_cells``, 100,000 in the validation phase): controls fill what the
 perturbations leave; when fewer than ``min_control_cells`` would remain, every
@@ -35,13 +46,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.optimize import brentq
+from scipy.stats import norm
 
 from scgpt_vcc.data.genes import read_gene_list
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import write_json_atomic
 from scgpt_vcc.predict.cells import ExpressionData, Group, sample_controls, write_cells
-from scgpt_vcc.predict.run import PredictSettings, build_predictor
-from scgpt_vcc.train.batches import CONTROL_CONDITION
+from scgpt_vcc.predict.population import CellModel
+from scgpt_vcc.predict.run import PredictSettings, build_model, reference_for
+from scgpt_vcc.train.batches import read_split
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +71,11 @@ class SubmissionSettings:
     max_cells: int = 100_000
     min_control_cells: int = 1000
     seed: int = 1
+    target_sum: float | None = None  # None: estimated from the counts CSV
 
 
 COUNTS_COLUMNS = ("target_gene", "n_cells")
+DEPTH_COLUMN = "median_umi_per_cell"
 
 
 def read_counts(path: str | Path, genes: Sequence[str] | None = None) -> dict[str, int]:
@@ -115,6 +131,40 @@ def read_counts(path: str | Path, genes: Sequence[str] | None = None) -> dict[st
     return dict(zip(targets, n_cells.astype(int), strict=True))
 
 
+# Spread (sd of log total counts) of the cells of one perturbation around its median, for
+# the mixture median below. The estimate hardly depends on it: for the VCC validation list
+# it is 54,150 / 54,143 / 54,139 UMI at 0.2 / 0.3 / 0.5.
+LOG_DEPTH_SD = 0.3
+
+
+def estimate_target_sum(path: str | Path) -> float:
+    """Depth cell-eval will normalise the scored cells to, estimated from the counts CSV.
+
+    cell-eval normalises the real cells to the median total count of the scored file; the
+    CSV gives each perturbation's median (``median_umi_per_cell``) and cell count. The
+    estimate is the median of the mixture of the perturbations' depth distributions, each
+    log-normal around its median with sd :data:`LOG_DEPTH_SD` and weighted by its cells
+    (the scored file's control cells are not listed, so they are not counted).
+    """
+    path = Path(path)
+    table = pd.read_csv(path)
+    table.columns = table.columns.str.strip()
+    fix = f"use the challenge's counts CSV (with {DEPTH_COLUMN}) or set submission.target_sum"
+    if DEPTH_COLUMN not in table:
+        raise InputError(path, DEPTH_COLUMN, "column is missing", fix)
+    depth = pd.to_numeric(table[DEPTH_COLUMN], errors="coerce").to_numpy()
+    weights = pd.to_numeric(table["n_cells"], errors="coerce").to_numpy()
+    if not (np.isfinite(depth).all() and (depth > 0).all()):
+        raise InputError(path, DEPTH_COLUMN, "holds missing or non-positive values", fix)
+    log_depth = np.log(depth)
+
+    def excess(x: float) -> float:  # cells below exp(x) minus half of all cells
+        return float(weights @ norm.cdf((x - log_depth) / LOG_DEPTH_SD) - weights.sum() / 2)
+
+    low, high = log_depth.min() - 1, log_depth.max() + 1
+    return float(np.exp(brentq(excess, low, high)))
+
+
 def cap_cell_counts(
     requested: dict[str, int], available_controls: int, max_cells: int, min_controls: int
 ) -> tuple[dict[str, int], int]:
@@ -157,17 +207,28 @@ def gene_columns(data: ExpressionData, gene_names: list[str], path: Path) -> np.
     return np.array([position[g] for g in gene_names], dtype=np.int64)
 
 
+def submission_model(
+    data: ExpressionData,
+    split_path: str | Path,
+    settings: SubmissionSettings,
+    predict_settings: PredictSettings,
+    model_dir: str | Path | None = None,
+) -> CellModel:
+    """The submission's model: trained or fitted on the split's (``all_train``) training set."""
+    train = read_split(split_path)["train"]
+    return build_model(settings.model_type, data, train, predict_settings, model_dir)
+
+
 def write_submission_h5ad(
-    data_path: str | Path,
+    data: ExpressionData,
+    model: CellModel,
     counts_csv: str | Path,
     gene_names_path: str | Path,
     output: str | Path,
     settings: SubmissionSettings,
     predict_settings: PredictSettings,
-    model_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Write the submission h5ad; return what it holds (for ``submission.json``)."""
-    data = ExpressionData(data_path)
+    """Write the submission h5ad of ``model``; return what it holds (for ``submission.json``)."""
     gene_names = read_gene_list(gene_names_path)
     columns = gene_columns(data, gene_names, Path(gene_names_path))
     counts, n_controls = cap_cell_counts(
@@ -176,25 +237,33 @@ def write_submission_h5ad(
         settings.max_cells,
         settings.min_control_cells,
     )
+    target_sum = settings.target_sum or estimate_target_sum(counts_csv)
+    if data.target_sum is None:
+        raise InputError(
+            data.path, "uns['scgpt_vcc']['target_sum']", "is missing", "re-run convert-to-gears"
+        )
+    training_sum = float(data.target_sum)
+    log.info("submission scale: log1p of counts normalised to %.1f (training data: %.1f)",
+             target_sum, training_sum)  # fmt: skip
     rng = np.random.default_rng([settings.seed, 2])
     groups = [
         Group(gene, f"{gene}+ctrl", rng.choice(data.control_rows, size=n, replace=True))
         for gene, n in counts.items()
     ]
-    train = sorted(set(data.condition) - {CONTROL_CONDITION})
-    predict = build_predictor(settings.model_type, data, train, predict_settings, model_dir)
     controls = sample_controls(data, n_controls, settings.seed)
-    var = pd.DataFrame(index=pd.Index(gene_names))
+    info = {**asdict(settings), "target_sum": target_sum, "training_target_sum": training_sum}
     write_cells(
         output,
         data,
         controls,
         groups,
-        predict,
+        model,
+        reference_for(data, predict_settings),
         batch_size=predict_settings.batch_size,
         columns=columns,
-        var=var,
-        uns={"scgpt_vcc_submission": {k: v for k, v in asdict(settings).items()}},
+        var=pd.DataFrame(index=pd.Index(gene_names)),
+        uns={"scgpt_vcc_submission": {k: v for k, v in info.items() if v is not None}},
+        depth_factor=target_sum / training_sum,
     )
     return {
         "model_type": settings.model_type,
@@ -204,6 +273,8 @@ def write_submission_h5ad(
         "max_cells": settings.max_cells,
         "n_genes": len(gene_names),
         "control_label": data.control_label,
+        "target_sum": target_sum,
+        "target_sum_source": "config" if settings.target_sum else f"{DEPTH_COLUMN} of the CSV",
     }
 
 
@@ -246,6 +317,7 @@ def run_cell_eval_prep(
 
 def make_submission(
     data_path: str | Path,
+    split_path: str | Path,
     counts_csv: str | Path,
     gene_names_path: str | Path,
     outdir: str | Path,
@@ -257,11 +329,16 @@ def make_submission(
     outdir = Path(outdir)
     check_programs()
     h5ad = outdir / PREDICTION_FILE
+    data = ExpressionData(data_path)
+    model = submission_model(data, split_path, settings, predict_settings, model_dir)
     summary = write_submission_h5ad(
-        data_path, counts_csv, gene_names_path, h5ad, settings, predict_settings, model_dir
+        data, model, counts_csv, gene_names_path, h5ad, settings, predict_settings
     )
     vcc = run_cell_eval_prep(h5ad, gene_names_path, outdir / VCC_FILE, summary["control_label"])
-    summary.update(counts_csv=str(counts_csv), vcc_file=str(vcc), vcc_bytes=vcc.stat().st_size)
+    summary.update(
+        split=str(split_path), counts_csv=str(counts_csv), vcc_file=str(vcc),
+        vcc_bytes=vcc.stat().st_size,
+    )  # fmt: skip
     write_json_atomic(outdir / SUMMARY_FILE, summary)
     log.info("submission: %d cells, %s (%d bytes)", summary["total_cells"], vcc, vcc.stat().st_size)
     return summary
@@ -271,6 +348,7 @@ def score_submission(
     submission_h5ad: str | Path,
     truth_counts: str | Path,
     data_path: str | Path,
+    split_path: str | Path,
     counts_csv: str | Path,
     gene_names_path: str | Path,
     output: str | Path,
@@ -280,27 +358,27 @@ def score_submission(
 ) -> dict[str, Any]:
     """Score a submission against true held-out cells (synthetic demo), as the challenge does.
 
-    The truth (raw counts) is normalised with the training data's ``target_sum``, the scale
-    of the submission. DES, PDS and MAE come from the evaluation module (cell-eval); the
-    challenge score is against the cell-mean baseline (``train_mean``) submitted the same way.
+    The truth (raw counts) is normalised as cell-eval normalises counts: to its own median
+    total count, then log1p. DES, PDS and MAE come from the evaluation module (cell-eval);
+    the challenge score is against the cell-mean baseline (``train_mean``) fitted on the
+    same training perturbations and submitted the same way.
     """
     from scgpt_vcc.data.convert import convert_to_gears
     from scgpt_vcc.evaluate.means import group_means
     from scgpt_vcc.evaluate.vcc import VCC_METRICS, challenge_score, vcc_metrics
-    from scgpt_vcc.io import read_uns
 
-    data_settings = read_uns(data_path).get("scgpt_vcc", {})
-    control = str(data_settings.get("control_label", "non-targeting"))
+    data = ExpressionData(data_path)
+    control = data.control_label
     with tempfile.TemporaryDirectory() as tmp:
         truth = Path(tmp) / "truth.h5ad"
-        convert_to_gears(
-            truth_counts, truth, control_label=control, target_sum=data_settings.get("target_sum")
-        )
+        convert_to_gears(truth_counts, truth, control_label=control, target_sum=None)
         baseline = Path(tmp) / "baseline.h5ad"
         base_settings = SubmissionSettings(**{**asdict(settings), "model_type": "train_mean"})
+        base_model = submission_model(data, split_path, base_settings, predict_settings)
         write_submission_h5ad(
-            data_path, counts_csv, gene_names_path, baseline, base_settings, predict_settings
-        )
+            data, base_model, counts_csv, gene_names_path, baseline, base_settings,
+            predict_settings,
+        )  # fmt: skip
         real_means = group_means(truth, "target_gene")
         tables = {}
         for name, path in (("model", Path(submission_h5ad)), ("baseline", baseline)):

@@ -131,11 +131,38 @@ def go_inputs():
     return [f"{GEARS_CFG['go_dir']}/{name}" for name in GEARS_GO_FILES]
 
 
-def split_outputs(seed):
-    stem = f"{GEARS_DIR}/splits/{DATASET}_{GEARS_CFG['split']}_{seed}_{GEARS_CFG['train_gene_set_size']}"
-    return [f"{stem}.pkl"] + (
-        [f"{stem}_subgroup.pkl"] if GEARS_CFG["split"] == "simulation" else []
+# The submission's models train on every training perturbation (the original setup).
+SUBMISSION_SPLIT = "all_train"
+SUBMISSION_SEED = config["seeds"][0]
+
+
+def check_evaluation_split():
+    """Refuse split 'custom' without held-out perturbations (the schema refuses the
+    splits that hold out nothing or train on nothing)."""
+    if GEARS_CFG["split"] == "custom" and not GEARS_CFG["test_perts"]:
+        raise WorkflowError(
+            "config key 'gears.test_perts' is empty, so split 'custom' holds out nothing to "
+            "evaluate. List the held-out conditions (e.g. 'GENE+ctrl') there."
+        )
+
+
+def split_outputs(seed, split=GEARS_CFG["split"]):
+    stem = f"{GEARS_DIR}/splits/{DATASET}_{split}_{seed}_{GEARS_CFG['train_gene_set_size']}"
+    return [f"{stem}.pkl"] + ([f"{stem}_subgroup.pkl"] if split == "simulation" else [])
+
+
+def split_options(split):
+    """build-split options: GEARS's splitter settings and the small-perturbation filter."""
+    min_cells = GEARS_CFG["min_cells"] if GEARS_CFG["exclude_below_min_cells"] else None
+    return cli_options(
+        name=DATASET,
+        split=split,
+        train_gene_set_size=GEARS_CFG["train_gene_set_size"],
+        min_cells=min_cells,
     )
+
+
+SUBMISSION_SPLIT_FILE = split_outputs(SUBMISSION_SEED, SUBMISSION_SPLIT)[0]
 
 
 def gears_outputs():
@@ -166,6 +193,22 @@ def finetune_launcher():
     return "scgpt-vcc"
 
 
+def finetune_inputs(seed, split):
+    """Inputs of a finetuning run: the data, the seed's control pairing, a split file."""
+    return {
+        "data": f"{GEARS_DIR}/perturb_processed.h5ad",
+        "pairing": f"{GEARS_DIR}/data_pyg/pairing_seed{seed}.npz",
+        "split": split,
+        "pretrained": pretrained_files(),
+    }
+
+
+def load_prefixes_option(model_type):
+    """Checkpoint modules a trained model type starts from: none for scgpt_scratch."""
+    prefixes = [] if model_type == "scgpt_scratch" else TRAIN_CFG["load_prefixes"]
+    return cli_options(load_prefixes=",".join(prefixes))
+
+
 def finetune_options():
     """Training options; batch size, accumulation and precision default to the GPU class."""
     per_gpu = {
@@ -176,20 +219,32 @@ def finetune_options():
         for k, v in TRAIN_CFG.items()
         if k not in ("gpus", "threads", "load_prefixes", *per_gpu)
     }
-    return cli_options(
-        gpu_class=config["gpu_class"],
-        load_prefixes=",".join(TRAIN_CFG["load_prefixes"]),
-        **per_gpu,
-        **settings,
+    return cli_options(gpu_class=config["gpu_class"], **per_gpu, **settings)
+
+
+MODELS_DIR = f"results/models/{DATASET}"
+# A trained folder: what predict and the submission read, and the training record.
+TRAINED_FILES = (*PRETRAINED_FILES, "metrics.csv", "steps.csv", "run.log")
+
+
+def trained_outputs(folder, subcategory):
+    """Named outputs of one finetuning run into ``folder``."""
+    outputs = {name.split(".")[0]: f"{folder}/{name}" for name in TRAINED_FILES}
+    outputs["curve"] = report(
+        f"{folder}/loss_curve.png",
+        category="Training",
+        subcategory=subcategory,
+        caption="../report/training.rst",
     )
+    return outputs
 
 
-def finetune_outputs():
-    return [
-        f"{finetuned_dir(seed)}/{name}"
-        for seed in config["seeds"]
-        for name in ("best_model.pt", "metrics.csv", "loss_curve.png")
-    ]
+def trained_dir(model_type, seed):
+    return f"{MODELS_DIR}/seed{seed}/{model_type}"
+
+
+def submission_model_dir(model_type):
+    return f"{MODELS_DIR}/submission/{model_type}"
 
 
 # --- prediction and submission (rules/predict.smk, rules/submit.smk) ---
@@ -199,35 +254,47 @@ PREDICTIONS_DIR = f"results/predictions/{DATASET}"
 SUBMISSION_DIR = f"results/submission/{DATASET}"
 
 
-def finetuned_dir(seed):
-    return f"results/models/{DATASET}/seed{seed}/scgpt_finetuned"
+def is_scgpt(model_type):
+    return model_type.startswith("scgpt")
 
 
-def model_dir(model_type, seed):
-    """scGPT folder a model type predicts with (None for the baselines)."""
-    if model_type == "scgpt_finetuned":
-        return finetuned_dir(seed)
-    if model_type == "scgpt_pretrained":
+def scgpt_model_types():
+    return [m for m in PREDICT_CFG["model_types"] if is_scgpt(m)]
+
+
+def baseline_model_types():
+    return [m for m in PREDICT_CFG["model_types"] if not is_scgpt(m)]
+
+
+def model_dir(model_type, seed=None):
+    """The folder a model type reads: its trained folder (scGPT models; the submission's
+    when ``seed`` is None), the pretrained checkpoint (linear_scgpt), or None."""
+    if is_scgpt(model_type):
+        return (
+            trained_dir(model_type, seed) if seed else submission_model_dir(model_type)
+        )
+    if model_type == "linear_scgpt":
         return config["pretrained_dir"]
     return None
 
 
-def model_files(model_type, seed):
+def model_files(model_type, seed=None):
     folder = model_dir(model_type, seed)
     return [] if folder is None else [f"{folder}/{name}" for name in PRETRAINED_FILES]
 
 
-def scgpt_model_types():
-    return [m for m in PREDICT_CFG["model_types"] if m.startswith("scgpt")]
-
-
-def baseline_model_types():
-    return [m for m in PREDICT_CFG["model_types"] if not m.startswith("scgpt")]
+def finetune_outputs():
+    trained = [
+        trained_dir(m, seed) for seed in config["seeds"] for m in scgpt_model_types()
+    ]
+    if is_scgpt(SUBMIT_CFG["model"]):
+        trained.append(submission_model_dir(SUBMIT_CFG["model"]))
+    return [f"{folder}/{name}" for folder in trained for name in TRAINED_FILES]
 
 
 def submission_resources():
     """A GPU of the gpu_class when an scGPT model makes the submission, else none."""
-    if SUBMIT_CFG["model"].startswith("scgpt"):
+    if is_scgpt(SUBMIT_CFG["model"]):
         return {"gpu": 1, "gpu_model": GPU["slurm_gpu"]}
     return {}
 
@@ -245,10 +312,11 @@ def submission_counts():
 def submission_options():
     return cli_options(
         model_type=SUBMIT_CFG["model"],
-        model_dir=model_dir(SUBMIT_CFG["model"], config["seeds"][0]),
+        model_dir=model_dir(SUBMIT_CFG["model"]),
         max_cells=SUBMIT_CFG["max_cells"],
         min_control_cells=SUBMIT_CFG["min_control_cells"],
-        seed=config["seeds"][0],
+        target_sum=SUBMIT_CFG["target_sum"],
+        seed=SUBMISSION_SEED,
         **{
             k: v
             for k, v in PREDICT_CFG.items()
@@ -342,4 +410,5 @@ def final_outputs():
 
 check_real_inputs()
 check_gpu_requests()
+check_evaluation_split()
 check_eval_models()

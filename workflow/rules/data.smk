@@ -96,23 +96,27 @@ rule build_split:
         "../../envs/scgpt-vcc.yaml"
     params:
         outdir=lambda w, output: Path(output[0]).parent,
-        options=cli_options(
-            name=DATASET,
-            split=GEARS_CFG["split"],
-            train_gene_set_size=GEARS_CFG["train_gene_set_size"],
-            min_cells=(
-                GEARS_CFG["min_cells"]
-                if GEARS_CFG["exclude_below_min_cells"]
-                else None
-            ),
-        ),
+        seed=lambda w: w.seed,
+        options=split_options(GEARS_CFG["split"]),
         perts=" ".join(
             [f"--test-perts {shlex.quote(p)}" for p in GEARS_CFG["test_perts"]]
             + [f"--val-perts {shlex.quote(p)}" for p in GEARS_CFG["val_perts"]]
         ),
     shell:
         "scgpt-vcc build-split {input.adata} {params.outdir} --go-filter {input.go} "
-        "--seed {wildcards.seed} {params.options} {params.perts} 2> {log}"
+        "--seed {params.seed} {params.options} {params.perts} 2> {log}"
+
+
+# Every training perturbation in train, none held out: what the submission's models fit on.
+use rule build_split as build_submission_split with:
+    output:
+        splits=[SUBMISSION_SPLIT_FILE],
+    log:
+        f"logs/{DATASET}/build_submission_split.log",
+    params:
+        seed=SUBMISSION_SEED,
+        options=split_options(SUBMISSION_SPLIT),
+        perts="",
 
 
 rule data_qc:

@@ -16,6 +16,7 @@ rule convert_to_gears:
             perturbation_column=config["perturbation_column"],
             target_sum=config["convert"]["target_sum"],
             chunk_size=config["convert"]["chunk_size"],
+            drop_missing_labels=config["convert"]["drop_missing_labels"],
         ),
     shell:
         "scgpt-vcc convert-to-gears {input.adata} {output.adata} {params.options} 2> {log}"

@@ -3,41 +3,12 @@
 # GPU of the configured gpu_class; the baselines need none.
 
 
-rule predict_scgpt:
-    input:
-        data=f"{GEARS_DIR}/perturb_processed.h5ad",
-        split=lambda w: split_outputs(w.seed)[0],
-        pairing=f"{GEARS_DIR}/data_pyg/pairing_seed{{seed}}.npz",
-        model=lambda w: model_files(w.model_type, w.seed),
-    output:
-        h5ad=f"{PREDICTIONS_DIR}/seed{{seed}}/{{model_type}}.h5ad",
-    log:
-        f"logs/{DATASET}/predict_seed{{seed}}_{{model_type}}.log",
-    benchmark:
-        f"benchmarks/{DATASET}/predict_seed{{seed}}_{{model_type}}.tsv"
-    wildcard_constraints:
-        model_type="|".join(scgpt_model_types()),
-        seed=r"\d+",
-    conda:
-        "../../envs/scgpt-vcc.yaml"
-    threads: PREDICT_CFG["threads"]
-    resources:
-        gpu=1,
-        gpu_model=GPU["slurm_gpu"],
-    params:
-        model=lambda w: cli_options(model_dir=model_dir(w.model_type, w.seed)),
-        options=predict_options(),
-    shell:
-        "scgpt-vcc predict --model-type {wildcards.model_type} --data {input.data}"
-        " --split {input.split} --pairing {input.pairing} --seed {wildcards.seed}"
-        " --output {output.h5ad} --threads {threads} {params.model} {params.options} 2> {log}"
-
-
 rule predict_baseline:
     input:
         data=f"{GEARS_DIR}/perturb_processed.h5ad",
         split=lambda w: split_outputs(w.seed)[0],
         pairing=f"{GEARS_DIR}/data_pyg/pairing_seed{{seed}}.npz",
+        model=lambda w: model_files(w.model_type, w.seed),
     output:
         h5ad=f"{PREDICTIONS_DIR}/seed{{seed}}/{{model_type}}.h5ad",
     log:
@@ -51,11 +22,21 @@ rule predict_baseline:
         "../../envs/scgpt-vcc.yaml"
     threads: PREDICT_CFG["threads"]
     params:
+        model=lambda w: cli_options(model_dir=model_dir(w.model_type, w.seed)),
         options=predict_options(),
     shell:
         "scgpt-vcc predict --model-type {wildcards.model_type} --data {input.data}"
         " --split {input.split} --pairing {input.pairing} --seed {wildcards.seed}"
-        " --output {output.h5ad} --threads {threads} {params.options} 2> {log}"
+        " --output {output.h5ad} --threads {threads} {params.model} {params.options} 2> {log}"
+
+
+use rule predict_baseline as predict_scgpt with:
+    wildcard_constraints:
+        model_type="|".join(scgpt_model_types()),
+        seed=r"\d+",
+    resources:
+        gpu=1,
+        gpu_model=GPU["slurm_gpu"],
 
 
 rule heldout_real:

@@ -1,32 +1,21 @@
-# Finetuning of scGPT's perturbation model, one run per seed (src/scgpt_vcc/train/).
+# Finetuning of scGPT's perturbation model (src/scgpt_vcc/train/): per seed and scGPT model
+# type on the seed's split (scgpt_finetuned from the pretrained checkpoint, scgpt_scratch
+# from random initialisation), and once on every training perturbation for the submission.
 # Killed or preempted runs resume from {outdir}/resume/ (not a declared output, so
 # Snakemake keeps it when it reruns the incomplete job).
 
 
 rule finetune:
     input:
-        data=f"{GEARS_DIR}/perturb_processed.h5ad",
-        pairing=f"{GEARS_DIR}/data_pyg/pairing_seed{{seed}}.npz",
-        split=lambda w: split_outputs(w.seed)[0],
-        pretrained=pretrained_files(),
+        **finetune_inputs("{seed}", lambda w: split_outputs(w.seed)[0]),
     output:
-        model=f"{finetuned_dir('{seed}')}/best_model.pt",
-        args=f"{finetuned_dir('{seed}')}/args.json",
-        vocab=f"{finetuned_dir('{seed}')}/vocab.json",
-        metrics=f"{finetuned_dir('{seed}')}/metrics.csv",
-        steps=f"{finetuned_dir('{seed}')}/steps.csv",
-        curve=report(
-            f"{finetuned_dir('{seed}')}/loss_curve.png",
-            category="Training",
-            subcategory="seed {seed}",
-            caption="../report/training.rst",
-        ),
-        run_log=f"{finetuned_dir('{seed}')}/run.log",
+        **trained_outputs(trained_dir("{model_type}", "{seed}"), "seed {seed}"),
     log:
-        f"logs/{DATASET}/finetune_seed{{seed}}.log",
+        f"logs/{DATASET}/finetune_seed{{seed}}_{{model_type}}.log",
     benchmark:
-        f"benchmarks/{DATASET}/finetune_seed{{seed}}.tsv"
+        f"benchmarks/{DATASET}/finetune_seed{{seed}}_{{model_type}}.tsv"
     wildcard_constraints:
+        model_type="|".join(scgpt_model_types()) or "scgpt_finetuned",
         seed=r"\d+",
     conda:
         "../../envs/scgpt-vcc.yaml"
@@ -35,12 +24,29 @@ rule finetune:
         gpu=TRAIN_CFG["gpus"],
         gpu_model=GPU["slurm_gpu"],
     params:
-        outdir=lambda w, output: Path(output.model).parent,
+        outdir=lambda w, output: Path(output.best_model).parent,
         checkpoint_dir=lambda w, input: Path(input.pretrained[0]).parent,
+        seed=lambda w: w.seed,
         launcher=finetune_launcher(),
+        load_prefixes=lambda w: load_prefixes_option(w.model_type),
         options=finetune_options(),
     shell:
         "{params.launcher} finetune --data {input.data} --pairing {input.pairing}"
         " --split {input.split} --checkpoint-dir {params.checkpoint_dir}"
-        " --outdir {params.outdir} --seed {wildcards.seed} --threads {threads}"
-        " {params.options} 2> {log}"
+        " --outdir {params.outdir} --seed {params.seed} --threads {threads}"
+        " {params.load_prefixes} {params.options} 2> {log}"
+
+
+use rule finetune as finetune_submission with:
+    input:
+        **finetune_inputs(SUBMISSION_SEED, SUBMISSION_SPLIT_FILE),
+    output:
+        **trained_outputs(submission_model_dir("{model_type}"), "submission"),
+    log:
+        f"logs/{DATASET}/finetune_submission_{{model_type}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/finetune_submission_{{model_type}}.tsv"
+    wildcard_constraints:
+        model_type=r"scgpt_\w+",
+    params:
+        seed=SUBMISSION_SEED,

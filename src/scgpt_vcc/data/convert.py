@@ -3,7 +3,8 @@
 Mapping:
 
 * ``obs[perturbation_column]`` ``"GENE"`` -> ``obs["condition"]`` ``"GENE+ctrl"``; the control
-  label -> ``"ctrl"``;
+  label -> ``"ctrl"``; a missing label (NaN, None, empty or blank) is an error, or with
+  ``drop_missing_labels`` its cell is left out;
 * ``obs["cell_type"]`` = a configured constant (GEARS keys are ``{cell_type}_{condition}_{dose}``,
   so the label may not contain ``_``);
 * ``var.index`` -> ``var["gene_name"]``; all other obs and var columns are kept;
@@ -79,9 +80,7 @@ def _check_unique(index: pd.Index, field: str, what: str, path: str | Path) -> N
         raise InputError(path, field, f"duplicated {what} {dups}", f"make the {what} unique")
 
 
-def _perturbation_targets(
-    obs: pd.DataFrame, perturbation_column: str, control_label: str, path: str | Path
-) -> pd.Series:
+def _label_column(obs: pd.DataFrame, perturbation_column: str, path: str | Path) -> pd.Series:
     if perturbation_column not in obs:
         raise InputError(
             path,
@@ -89,6 +88,41 @@ def _perturbation_targets(
             f"no such column (columns: {list(obs.columns)})",
             "set perturbation_column in the config to the column naming the targeted gene",
         )
+    return obs[perturbation_column]
+
+
+def labelled_cells(
+    obs: pd.DataFrame,
+    perturbation_column: str,
+    path: str | Path = "<input>",
+    *,
+    drop_missing_labels: bool = False,
+) -> np.ndarray:
+    """Boolean mask of the cells that have a perturbation label.
+
+    A missing label (NaN, None, empty or blank) would otherwise turn into a condition
+    ``"nan+ctrl"``; it is an error unless ``drop_missing_labels``, which logs the count.
+    """
+    labels = _label_column(obs, perturbation_column, path)
+    missing = (labels.isna() | labels.astype(str).str.strip().eq("")).to_numpy()
+    n_missing = int(missing.sum())
+    if n_missing and not drop_missing_labels:
+        raise InputError(
+            path,
+            f"obs[{perturbation_column!r}]",
+            f"{n_missing} cells have no label (NaN, None, empty or blank)",
+            "label every cell with its target gene or the control label, "
+            "or set convert.drop_missing_labels: true to drop them",
+        )
+    if n_missing:
+        log.warning("dropping %d cells with no label in obs[%r]", n_missing, perturbation_column)
+    return ~missing
+
+
+def _perturbation_targets(
+    obs: pd.DataFrame, perturbation_column: str, control_label: str, path: str | Path
+) -> pd.Series:
+    labelled_cells(obs, perturbation_column, path)
     targets = obs[perturbation_column].astype(str)
     if not (targets == control_label).any():
         labels = targets.value_counts().index[:5].tolist()
@@ -101,6 +135,16 @@ def _perturbation_targets(
     return targets
 
 
+def _check_cell_type(cell_type: str) -> None:
+    if "_" in cell_type:
+        raise InputError(
+            "config",
+            "cell_type",
+            f"{cell_type!r} contains '_'",
+            "choose a label without underscores; GEARS splits its keys on '_'",
+        )
+
+
 def gears_annotations(
     obs: pd.DataFrame,
     var: pd.DataFrame,
@@ -110,14 +154,11 @@ def gears_annotations(
     perturbation_column: str,
     path: str | Path = "<input>",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return GEARS-style copies of ``obs`` and ``var`` (checked, nothing else changed)."""
-    if "_" in cell_type:
-        raise InputError(
-            "config",
-            "cell_type",
-            f"{cell_type!r} contains '_'",
-            "choose a label without underscores; GEARS splits its keys on '_'",
-        )
+    """Return GEARS-style copies of ``obs`` and ``var`` (checked, nothing else changed).
+
+    Every cell must have a perturbation label: drop the others first (:func:`labelled_cells`).
+    """
+    _check_cell_type(cell_type)
     targets = _perturbation_targets(obs, perturbation_column, control_label, path)
     symbols = gene_symbols(var, path)
     _check_unique(symbols, "var.index", "gene names", path)
@@ -194,11 +235,20 @@ def convert_to_gears(
     perturbation_column: str = "target_gene",
     target_sum: float | None = None,
     chunk_size: int = 10_000,
+    drop_missing_labels: bool = False,
 ) -> ConversionSummary:
-    """Convert a VCC-format h5ad of raw counts into a GEARS-format h5ad (see module doc)."""
+    """Convert a VCC-format h5ad of raw counts into a GEARS-format h5ad (see module doc).
+
+    ``drop_missing_labels`` leaves out cells without a perturbation label instead of
+    refusing the input; the rows are selected chunk by chunk.
+    """
     obs, var = read_annotations(input_path)
+    _check_cell_type(cell_type)  # the config first, then the input
+    keep = labelled_cells(
+        obs, perturbation_column, input_path, drop_missing_labels=drop_missing_labels
+    )
     obs, var = gears_annotations(
-        obs,
+        obs[keep],
         var,
         cell_type=cell_type,
         control_label=control_label,
@@ -206,10 +256,10 @@ def convert_to_gears(
         path=input_path,
     )
     totals = cell_totals(input_path, chunk_size)
-    median_total = float(np.median(totals))
+    median_total = float(np.median(totals[keep]))
     if target_sum is None:
         target_sum = median_total
-    n_empty = int((totals == 0).sum())
+    n_empty = int((totals[keep] == 0).sum())
     if n_empty:
         log.warning("%d cells have no counts; they stay all-zero", n_empty)
 
@@ -235,9 +285,13 @@ def convert_to_gears(
         H5adStreamWriter(tmp, obs, var, uns, layers=("counts",)) as writer,
     ):
         for start, counts in iter_row_chunks(input_path, chunk_size, desc="log-normalise"):
-            stop = start + counts.shape[0]
-            normalized = log_normalize(counts, totals[start:stop], target_sum)
-            writer.append(normalized, {"counts": counts.astype(np.float32)})
+            rows = keep[start : start + counts.shape[0]]
+            chunk_totals = totals[start : start + len(rows)]
+            if not rows.all():  # cells without a label in this chunk: keep the others
+                counts, chunk_totals = counts[rows], chunk_totals[rows]
+            if counts.shape[0]:
+                normalized = log_normalize(counts, chunk_totals, target_sum)
+                writer.append(normalized, {"counts": counts.astype(np.float32)})
     log.info(
         "converted %d cells x %d genes (%d perturbations, %d control cells), target_sum %.1f",
         summary.n_cells,

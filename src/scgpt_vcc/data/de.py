@@ -6,7 +6,9 @@ every gene of each condition against control with scanpy's ``rank_genes_groups``
 non-dropout gene sets; on the way it densifies X. A Welch t-test needs only the number
 of cells, the mean and the variance per group, so here those come from per-condition
 sums, sums of squares and non-zero counts accumulated over CSR row chunks: memory is
-one chunk plus four ``conditions x genes`` tables, whatever the number of cells.
+one chunk plus five ``conditions x genes`` tables, whatever the number of cells. The
+fifth, sums of ``expm1(X)`` (the normalised counts), is not used by the t-test: it gives
+the data QC the mean expression on the count scale (knockdown).
 
 The arithmetic follows scanpy's (``_get_mean_var``): float32 values, squares taken in
 float32, sums in float64, ``var = E[x^2] - E[x]^2`` scaled by ``n / (n - 1)``, NaN
@@ -43,9 +45,13 @@ class ConditionStats:
     sums: np.ndarray  # float64 [C, G]
     sq_sums: np.ndarray  # float64 [C, G]
     nonzero: np.ndarray  # int64 [C, G]
+    count_sums: np.ndarray  # float64 [C, G], sums of expm1(X): normalised counts
 
     def mean(self) -> np.ndarray:
         return self.sums / self.n_cells[:, None]
+
+    def mean_normalized_counts(self) -> np.ndarray:
+        return self.count_sums / self.n_cells[:, None]
 
     def variance(self) -> np.ndarray:
         """Unbiased variance, computed as scanpy does (see the module docstring)."""
@@ -80,20 +86,22 @@ def gears_obs(obs: pd.DataFrame) -> pd.DataFrame:
 def accumulate_condition_stats(
     path: str | Path, codes: np.ndarray, conditions: list[str], chunk_size: int
 ) -> ConditionStats:
-    """One pass over X: per-condition n, sum, sum of squares and non-zero counts.
+    """One pass over X: per-condition n, sum, sum of squares, non-zero counts and sum
+    of ``expm1(X)``.
 
     ``codes[i]`` is the row of ``conditions`` that cell ``i`` belongs to. Each chunk's
     non-zeros are binned by ``condition * n_genes + gene`` with ``np.bincount``.
     """
     n_cond = len(conditions)
     n_cells = np.bincount(codes, minlength=n_cond).astype(np.int64)
-    sums = sq_sums = nonzero = None
+    sums = sq_sums = nonzero = count_sums = None
     for start, chunk in iter_row_chunks(path, chunk_size, desc="DE statistics"):
         n_genes = chunk.shape[1]
         if sums is None:
             sums = np.zeros(n_cond * n_genes)
             sq_sums = np.zeros(n_cond * n_genes)
             nonzero = np.zeros(n_cond * n_genes, dtype=np.int64)
+            count_sums = np.zeros(n_cond * n_genes)
         chunk.eliminate_zeros()
         data = chunk.data.astype(np.float32, copy=False)
         rows = np.repeat(codes[start : start + chunk.shape[0]], np.diff(chunk.indptr))
@@ -103,11 +111,18 @@ def accumulate_condition_stats(
         sums += np.bincount(bins, weights=data, minlength=size)
         sq_sums += np.bincount(bins, weights=data * data, minlength=size)
         nonzero += np.bincount(bins, minlength=size)
+        counts = np.expm1(data, dtype=np.float64)
+        count_sums += np.bincount(bins, weights=counts, minlength=size)
     if sums is None:
         raise InputError(path, "X", "has no cells", "re-run convert-to-gears on a non-empty input")
     shape = (n_cond, -1)
     return ConditionStats(
-        conditions, n_cells, sums.reshape(shape), sq_sums.reshape(shape), nonzero.reshape(shape)
+        conditions,
+        n_cells,
+        sums.reshape(shape),
+        sq_sums.reshape(shape),
+        nonzero.reshape(shape),
+        count_sums.reshape(shape),
     )
 
 
@@ -218,8 +233,10 @@ def compute_de(
 
     X is copied chunk by chunk at the HDF5 level (no decompression); ``layers`` are not
     copied: GEARS reads only X, and the counts stay in ``converted.h5ad``.
-    ``stats_path`` (.npz) keeps per-condition cell counts, means and non-zero fractions
-    for QC and baselines.
+    ``stats_path`` (.npz) keeps per condition: cell counts (``n_cells``), means of X on
+    the log1p scale (``mean``), means of ``expm1(X)``, the normalised counts
+    (``mean_normalized_counts``), and non-zero fractions (``frac_nonzero``), for QC and
+    baselines.
     """
     converted = Path(converted)
     obs, var = read_annotations(converted)
@@ -276,6 +293,7 @@ def _write_stats(path: str | Path, st: ConditionStats, names: list[str], genes: 
             genes=genes.astype(str),
             n_cells=st.n_cells,
             mean=st.mean(),
+            mean_normalized_counts=st.mean_normalized_counts(),
             frac_nonzero=(st.nonzero / st.n_cells[:, None]).astype(np.float32),
         )
 

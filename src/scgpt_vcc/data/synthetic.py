@@ -17,7 +17,10 @@ predictable from seen ones:
   gives the real data's sparsity (~43% non-zero).
 
 Validation perturbations use real VCC validation gene names; their cells are written to a
-separate "truth" file, never to the training file.
+separate "truth" file, never to the training file, with control cells of their own (as many
+as the training data's: DES and PDS compare each file with its own controls). The
+validation CSV's ``median_umi_per_cell`` are the truth's per-perturbation median depths, as
+the challenge's CSV gives them for its held-out cells.
 """
 
 from __future__ import annotations
@@ -250,13 +253,16 @@ def _write_counts_h5ad(
     spec: SyntheticSpec,
     rng: np.random.Generator,
     desc: str,
-) -> None:
+) -> np.ndarray:
+    """Sample and write the cells of ``obs``; return their total counts."""
     var = pd.DataFrame({"gene_id": biology.gene_ids}, index=pd.Index(biology.genes))
+    totals = []
     with atomic_path(path) as tmp, H5adStreamWriter(tmp, obs, var) as writer:
         for start in tqdm(range(0, len(obs), spec.chunk_size), desc=desc, unit="chunk"):
-            writer.append(
-                sample_counts(biology, obs.iloc[start : start + spec.chunk_size], spec, rng)
-            )
+            counts = sample_counts(biology, obs.iloc[start : start + spec.chunk_size], spec, rng)
+            totals.append(np.asarray(counts.sum(axis=1)).ravel())
+            writer.append(counts)
+    return np.concatenate(totals)
 
 
 def validation_cell_counts(
@@ -311,13 +317,19 @@ def write_synthetic_dataset(
     obs = cell_annotations(training_cell_counts(train_targets, spec, rng), spec, rng)
     _write_counts_h5ad(Path(adata_path), biology, obs, spec, rng, "training cells")
     counts = validation_cell_counts(reference, list(validation_targets), spec)
-    write_text_atomic(validation_counts_path, counts.to_csv(index=False))
-    write_gene_list(biology.genes, gene_names_path)
-
     if validation_truth_path is not None:
         n_cells = dict(zip(counts["target_gene"], counts["n_cells"].tolist(), strict=True))
-        n_control = int(round(sum(n_cells.values()) * spec.control_fraction))
+        # The held-out experiment has its own control cells, as many as the training data:
+        # DES and PDS compare each file's perturbations with that file's controls.
+        n_control = int(round(spec.control_fraction * spec.n_cells))
         truth_obs = cell_annotations({spec.control_label: n_control, **n_cells}, spec, rng)
-        _write_counts_h5ad(Path(validation_truth_path), biology, truth_obs, spec, rng, "truth")
+        totals = _write_counts_h5ad(
+            Path(validation_truth_path), biology, truth_obs, spec, rng, "truth"
+        )
+        # As the challenge's CSV does for its held-out cells: each perturbation's median depth.
+        medians = pd.Series(totals).groupby(truth_obs["target_gene"].to_numpy()).median()
+        counts["median_umi_per_cell"] = medians.loc[counts["target_gene"]].to_numpy()
+    write_text_atomic(validation_counts_path, counts.to_csv(index=False))
+    write_gene_list(biology.genes, gene_names_path)
     log.info("wrote %s (%d cells x %d genes)", adata_path, spec.n_cells, len(biology.genes))
     return biology

@@ -198,9 +198,10 @@ def challenge_score(model: Mapping[str, float], baseline: Mapping[str, float]) -
     """
     parts = {}
     for name in VCC_METRICS:
-        x, base = float(model[name]), float(baseline[name])
-        value = (x - base) / (1 - base) if HIGHER_IS_BETTER[name] else 1 - x / base
-        parts[f"{name}_score"] = 0.0 if math.isnan(value) else max(value, 0.0)
+        x, base = np.float64(model[name]), np.float64(baseline[name])
+        with np.errstate(divide="ignore", invalid="ignore"):  # a baseline at the best value
+            value = (x - base) / (1 - base) if HIGHER_IS_BETTER[name] else 1 - x / base
+        parts[f"{name}_score"] = 0.0 if math.isnan(value) else max(float(value), 0.0)
     parts["challenge_score"] = 100 * float(np.mean(list(parts.values())))
     return parts
 

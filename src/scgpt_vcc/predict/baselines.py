@@ -1,12 +1,17 @@
-"""Baselines evaluated exactly like scGPT: ``control``, ``train_mean`` and ``linear``.
+"""Baselines evaluated exactly like scGPT: control, train_mean, linear and linear_scgpt.
 
-All three predict cells from the same control cells as scGPT (see :mod:`.cells`):
+Each is a :class:`~scgpt_vcc.predict.population.CellModel`: its cells come from the same control
+cells as scGPT's and are rescaled to its population mean (see :mod:`.population`), which for
+these models is exact:
 
-* ``control``: the control cell unchanged (no perturbation effect at all).
-* ``train_mean``: the Virtual Cell Challenge's cell-mean baseline (cell-eval's
-  ``build_base_mean_adata``): every predicted cell is the same vector, the mean over the
-  training perturbations of each perturbation's mean expression,
-  ``m = (1/|T|) sum_{p in T} mean_{cells of p}(x)``.
+* ``control``: no perturbation effect. Cells: the control cells; population mean: the mean
+  ``c`` of all control cells.
+* ``train_mean``: the Virtual Cell Challenge's cell-mean baseline, exactly as cell-eval
+  0.8.2 builds it (``cell_eval._baseline._build_pert_baseline``, ``as_delta=False``): the
+  mean over groups of each group's mean expression, where the groups are the training
+  perturbations **and the control cells** (cell-eval averages every ``target_gene`` group
+  of the training file, ``non-targeting`` included),
+  ``m = (1/(|T|+1)) (c + sum_{p in T} mean_{cells of p}(x))``. Every cell is ``m``.
 * ``linear``: the linear model of Ahlmann-Eltze, Huber & Anders (Nature Methods 2025), as
   their benchmark code fits it (``run_linear_pretrained_model.R``, defaults K = 10,
   lambda = 0.1). With ``X`` the genes x training-conditions matrix of pseudobulk means
@@ -18,24 +23,34 @@ All three predict cells from the same control cells as scGPT (see :mod:`.cells`)
     (zero for control; the sum of rows for a multi-gene condition);
   - changes ``Y = X - c``, ``b = rowmean(Y)`` (over training conditions incl. control);
   - ``W = (G^T G + lambda I)^-1 G^T (Y - b) P^T (P P^T + lambda I)^-1``;
-  - predicted mean for a new perturbation: ``c + b + G W p``.
+  - population mean for a new perturbation: ``c + b + G W p``; cells: the control cells
+    shifted by ``b + G W p``.
 
-  Cells are the paired control cells shifted by the predicted change ``b + G W p``
-  (clipped at 0 on writing), so they keep the controls' cell-to-cell variation. A target
-  gene that is not measured has no embedding: ``p = 0`` (prediction ``c + b``), logged.
+  A target gene that is not measured has no embedding: ``p = 0`` (prediction ``c + b``),
+  logged.
+* ``linear_scgpt``: the same model with the perturbation embedding taken from elsewhere,
+  which Ahlmann-Eltze et al. found to beat every deep model they tried: ``p_j`` is the
+  pretrained scGPT gene embedding of the target (row of the checkpoint's
+  ``encoder.embedding``), projected to K dimensions. Projection (a choice, documented in
+  docs/metrics.md): PCA of the embedding rows of the data's genes that are in the scGPT
+  vocabulary, centred over those genes, top K components; so ``p`` has the dimension of
+  ``G`` and a gene with an average embedding carries no signal. Fitted on the training
+  perturbations only, like ``linear``; a target outside the vocabulary gets ``p = 0``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
 from scgpt_vcc.io import iter_row_chunks
-from scgpt_vcc.predict.cells import ExpressionData, Predict
+from scgpt_vcc.predict.cells import ExpressionData
+from scgpt_vcc.predict.population import ControlReference, PopulationMean
 from scgpt_vcc.train.batches import CONTROL_CONDITION, perturbed_genes
 
 log = logging.getLogger(__name__)
@@ -67,45 +82,79 @@ def training_perturbations(train: Sequence[str]) -> list[str]:
     return [c for c in dict.fromkeys(train) if c != CONTROL_CONDITION]
 
 
-def control_predictor() -> Predict:
-    return lambda control, targets: control
+@dataclass(frozen=True)
+class ShiftModel:
+    """Every cell moved by one change per perturbation (``control``: no change; ``linear``)."""
+
+    change: Callable[[Sequence[str]], np.ndarray | float]
+
+    def cells(self, control: np.ndarray, targets: Sequence[str]) -> np.ndarray:
+        return control + np.asarray(self.change(targets), dtype=np.float32)
+
+    def population_mean(
+        self, targets: Sequence[str], reference: ControlReference
+    ) -> PopulationMean:
+        return PopulationMean(reference.mean + self.change(targets))
 
 
-def train_mean_vector(perturbation_means: np.ndarray) -> np.ndarray:
-    """The cell-mean baseline: the mean over perturbations of their mean expression."""
-    if perturbation_means.shape[0] == 0:
-        raise ValueError("train_mean needs at least one training perturbation")
-    return perturbation_means.mean(axis=0)
+def control_model() -> ShiftModel:
+    return ShiftModel(lambda targets: 0.0)
 
 
-def train_mean_predictor(mean: np.ndarray) -> Predict:
-    row = mean.astype(np.float32)
-    return lambda control, targets: np.broadcast_to(row, control.shape).copy()
+@dataclass(frozen=True)
+class ConstantModel:
+    """The same vector for every cell (``train_mean``)."""
+
+    vector: np.ndarray
+
+    def cells(self, control: np.ndarray, targets: Sequence[str]) -> np.ndarray:
+        return np.broadcast_to(self.vector.astype(np.float32), control.shape).copy()
+
+    def population_mean(
+        self, targets: Sequence[str], reference: ControlReference
+    ) -> PopulationMean:
+        return PopulationMean(self.vector.astype(np.float64))
+
+
+def train_mean_vector(group_means: np.ndarray) -> np.ndarray:
+    """The cell-mean baseline: the mean of the group means (training perturbations and control)."""
+    if group_means.shape[0] < 2:
+        raise ValueError("train_mean needs the control and at least one training perturbation")
+    return group_means.mean(axis=0)
 
 
 @dataclass(frozen=True)
 class LinearModel:
     """Fitted linear model (see the module docstring for the formula)."""
 
-    genes: tuple[str, ...]
     gene_embedding: np.ndarray  # G [genes, K]
-    weights: np.ndarray  # W [K, K]
+    perturbation_embedding: Mapping[str, np.ndarray]  # gene -> p [K_p]
+    weights: np.ndarray  # W [K, K_p]
     center: np.ndarray  # b [genes]
-
-    def embed(self, targets: Sequence[str]) -> np.ndarray:
-        """Perturbation embedding: sum of the targets' rows of G (unmeasured ones skipped)."""
-        position = {g: i for i, g in enumerate(self.genes)}
-        p = np.zeros(self.gene_embedding.shape[1])
-        for gene in targets:
-            if gene in position:
-                p += self.gene_embedding[position[gene]]
-            else:
-                log.warning("linear: target %s is not a measured gene; no embedding", gene)
-        return p
 
     def change(self, targets: Sequence[str]) -> np.ndarray:
         """Predicted change from the control mean, ``b + G W p``."""
-        return self.center + self.gene_embedding @ (self.weights @ self.embed(targets))
+        p = embed(self.perturbation_embedding, targets)
+        return self.center + self.gene_embedding @ (self.weights @ p)
+
+
+def embed(table: Mapping[str, np.ndarray], targets: Sequence[str]) -> np.ndarray:
+    """Perturbation embedding: the sum of the targets' rows of ``table`` (unknown ones: 0)."""
+    p = np.zeros(len(next(iter(table.values()))))
+    for gene in targets:
+        if gene in table:
+            p += table[gene]
+        else:
+            log.warning("linear: target %s has no perturbation embedding; p = 0", gene)
+    return p
+
+
+def pca_scores(matrix: np.ndarray, k: int) -> np.ndarray:
+    """Top-``k`` principal-component scores of the rows of ``matrix`` (columns centred)."""
+    centred = matrix - matrix.mean(axis=0, keepdims=True)
+    k = min(k, *centred.shape)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    return u[:, :k] * s[:k]
 
 
 def fit_linear(
@@ -115,29 +164,84 @@ def fit_linear(
     control_mean: np.ndarray,
     pca_dim: int = 10,
     ridge: float = 0.1,
+    perturbation_embedding: Mapping[str, np.ndarray] | None = None,
 ) -> LinearModel:
-    """Fit the linear model on training pseudobulks (rows of ``perturbation_means``)."""
+    """Fit the linear model on training pseudobulks (rows of ``perturbation_means``).
+
+    ``perturbation_embedding`` (gene -> vector) replaces the default ``p_j = G[j]``.
+    """
     expression = np.column_stack([perturbation_means.T, control_mean])  # genes x (C + 1)
-    centred = expression - expression.mean(axis=0, keepdims=True)
-    k = min(pca_dim, *centred.shape)
-    u, s, _ = np.linalg.svd(centred, full_matrices=False)
-    embedding = u[:, :k] * s[:k]
-    model = LinearModel(tuple(genes), embedding, np.zeros((k, k)), np.zeros(len(genes)))
+    embedding = pca_scores(expression, pca_dim)
+    if perturbation_embedding is None:
+        perturbation_embedding = dict(zip(genes, embedding, strict=True))
     changes = expression - control_mean[:, None]
     center = changes.mean(axis=1)
     pert = np.column_stack(
-        [model.embed(perturbed_genes(c)) for c in conditions] + [np.zeros(k)]
-    )  # K x (C + 1)
-    eye = np.eye(k)
-    left = np.linalg.solve(embedding.T @ embedding + ridge * eye, embedding.T)
-    right = np.linalg.solve(pert @ pert.T + ridge * eye, pert).T  # P^T (P P^T + l I)^-1
+        [
+            embed(perturbation_embedding, perturbed_genes(c))
+            for c in [*conditions, CONTROL_CONDITION]
+        ]
+    )  # K_p x (C + 1); the control's embedding is 0
+    k_p = pert.shape[0]
+    left = np.linalg.solve(
+        embedding.T @ embedding + ridge * np.eye(embedding.shape[1]), embedding.T
+    )
+    right = np.linalg.solve(pert @ pert.T + ridge * np.eye(k_p), pert).T  # P^T (P P^T + l I)^-1
     weights = left @ (changes - center[:, None]) @ right
-    log.info("linear model: %d genes, %d training conditions, K=%d", len(genes), len(conditions), k)
-    return LinearModel(tuple(genes), embedding, weights, center)
+    log.info(
+        "linear model: %d genes, %d training conditions, K=%d, perturbation embedding %d-dim",
+        len(genes),
+        len(conditions),
+        embedding.shape[1],
+        k_p,
+    )
+    return LinearModel(embedding, perturbation_embedding, weights, center)
 
 
-def linear_predictor(model: LinearModel) -> Predict:
-    def predict(control: np.ndarray, targets: Sequence[str]) -> np.ndarray:
-        return control + model.change(targets).astype(np.float32)
+def scgpt_perturbation_embedding(
+    checkpoint_dir: str | Path, genes: Sequence[str], dim: int
+) -> dict[str, np.ndarray]:
+    """Pretrained scGPT gene embeddings of ``genes`` in the vocabulary, PCA-projected to ``dim``."""
+    from scgpt_vcc.model.checkpoint import (
+        ARGS_FILE,
+        MODEL_FILE,
+        VOCAB_FILE,
+        read_args,
+        read_state_dict,
+        read_vocab,
+    )
+    from scgpt_vcc.model.vocab import match_genes
 
-    return predict
+    folder = Path(checkpoint_dir)
+    vocab = read_vocab(folder / VOCAB_FILE, read_args(folder / ARGS_FILE)["pad_token"])
+    table = read_state_dict(folder / MODEL_FILE)["encoder.embedding.weight"]
+    match = match_genes(list(genes), vocab)
+    rows = table[match.input_ids].double().numpy()
+    projected = pca_scores(rows, dim)
+    names = [genes[i] for i in match.input_positions]
+    return dict(zip(names, projected, strict=True))
+
+
+def fit_baseline(
+    model_type: str,
+    data: ExpressionData,
+    train_conditions: Sequence[str],
+    *,
+    pca_dim: int = 10,
+    ridge: float = 0.1,
+    checkpoint_dir: str | Path | None = None,
+) -> ShiftModel | ConstantModel:
+    """The baseline ``model_type`` fitted on ``train_conditions``."""
+    if model_type == "control":
+        return control_model()
+    perturbations = training_perturbations(train_conditions)
+    means = condition_means(data, [*perturbations, CONTROL_CONDITION])
+    if model_type == "train_mean":
+        return ConstantModel(train_mean_vector(means))
+    embedding = None
+    if model_type == "linear_scgpt":
+        if checkpoint_dir is None:
+            raise ValueError("linear_scgpt needs the pretrained checkpoint folder")
+        embedding = scgpt_perturbation_embedding(checkpoint_dir, data.genes, pca_dim)
+    model = fit_linear(data.genes, means[:-1], perturbations, means[-1], pca_dim, ridge, embedding)
+    return ShiftModel(model.change)

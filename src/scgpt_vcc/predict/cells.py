@@ -1,4 +1,4 @@
-"""Which cells a prediction file holds, and how prediction files are written.
+"""Which cells a prediction file holds, how they are built, and how the files are written.
 
 CONTRACT of ``results/predictions/{dataset}/seed{seed}/{model_type}.h5ad`` (one per model
 type) and ``.../real.h5ad`` (the truth they are compared with):
@@ -16,13 +16,17 @@ type) and ``.../real.h5ad`` (the truth they are compared with):
   starts from the control cell that the seed's pairing file pairs with real cell ``i``;
   otherwise control cells are drawn at random (seeded).
 * ``real.h5ad``: the same control cells plus every real cell of the held-out perturbations.
-* ``uns['scgpt_vcc_prediction']``: model type, seed, split file and settings.
+* ``uns['scgpt_vcc_prediction']``: model type, seed, split file, settings and the
+  construction's diagnostics (below).
+
+How predicted cells are built (their mean is the model's population mean):
+:mod:`scgpt_vcc.predict.population`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +38,17 @@ from tqdm.auto import tqdm
 
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import H5adStreamWriter, atomic_path, read_annotations, read_uns
+from scgpt_vcc.predict.population import (
+    CellModel,
+    ControlReference,
+    Diagnostics,
+    match_mean,
+    population_means,
+    row_batches,
+)
 from scgpt_vcc.train.batches import CONTROL_CONDITION, CsrRowReader, perturbed_genes
 
 log = logging.getLogger(__name__)
-
-# Predicts cells from control cells: (control expression [n, G], targets) -> [n, G].
-Predict = Callable[[np.ndarray, Sequence[str]], np.ndarray]
 
 
 class ExpressionData:
@@ -59,6 +68,8 @@ class ExpressionData:
         self.obs_names = obs.index.astype(str).to_numpy()
         settings = read_uns(self.path).get("scgpt_vcc", {})
         self.control_label = control_label or str(settings.get("control_label", "non-targeting"))
+        # Depth the counts were normalised to (None in files not written by convert-to-gears).
+        self.target_sum: float | None = settings.get("target_sum")
         self.reader = CsrRowReader(self.path)
 
     @property
@@ -163,9 +174,11 @@ def _obs(
     return obs
 
 
-def _batches(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, rows.size, size):
-        yield rows[start : start + size]
+def rescale_log1p(block: np.ndarray, factor: float) -> np.ndarray:
+    """log1p values of counts normalised to one depth, re-expressed at ``factor`` x that depth."""
+    if factor == 1.0:
+        return block
+    return np.log1p(np.expm1(block.astype(np.float64)) * factor).astype(np.float32)
 
 
 def write_cells(
@@ -173,21 +186,32 @@ def write_cells(
     data: ExpressionData,
     control_rows: np.ndarray,
     groups: Sequence[Group],
-    predict: Predict | None,
+    model: CellModel | None,
+    reference: ControlReference | None = None,
     *,
     batch_size: int = 256,
     columns: np.ndarray | None = None,
     var: pd.DataFrame | None = None,
     uns: dict[str, Any] | None = None,
-) -> None:
-    """Write control cells plus each group's cells, ``batch_size`` cells at a time.
+    depth_factor: float = 1.0,
+) -> Diagnostics:
+    """Write control cells plus each group's cells.
 
-    ``predict=None`` writes the real cells of each group's condition (``real.h5ad``);
-    otherwise ``predict(control_expression, targets)`` makes each group's cells from its
-    ``input_rows``. Predictions are clipped at 0 (log1p values cannot be negative).
-    ``columns`` selects and orders the genes written (default: all, in data order).
+    ``model=None`` writes the real cells of each group's condition (``real.h5ad``);
+    otherwise the model makes each group's cells from its ``input_rows``
+    (``batch_size`` cells per model call), rescaled to its population mean over
+    ``reference`` (module docstring). One group's cells are held in memory at a time.
+    ``columns`` selects and orders the genes written (default: all, in data order);
+    ``depth_factor`` re-expresses every written value at that multiple of the data's depth
+    (:func:`rescale_log1p`; the submission's scale). Returns the construction's diagnostics,
+    also stored as ``construction`` in each section of ``uns`` when it is given.
     """
-    real = predict is None
+    real = model is None
+    means, diagnostics = {}, Diagnostics()
+    if not real:
+        if reference is None:
+            raise ValueError("a model's cells need the control reference")
+        means, diagnostics = population_means(model, groups, reference)
     obs = _obs(data, control_rows, groups, real)
     if columns is None:
         columns = np.arange(data.n_genes)
@@ -198,17 +222,35 @@ def write_cells(
         H5adStreamWriter(tmp, obs, var, uns=uns) as writer,
         tqdm(total=total, desc=f"write {Path(path).name}", unit="cells") as bar,
     ):
-        for rows in _batches(control_rows, batch_size):
-            writer.append(sp.csr_matrix(data.read(rows, columns)))
-            bar.update(rows.size)
+
+        def append(block: np.ndarray) -> None:
+            writer.append(sp.csr_matrix(rescale_log1p(block, depth_factor)))
+            bar.update(block.shape[0])
+
+        for rows in row_batches(control_rows, batch_size):
+            append(data.read(rows, columns))
         for group in groups:
-            rows = data.rows_of(group.condition) if real else group.input_rows
-            for batch in _batches(rows, batch_size):
-                if real:
-                    block = data.read(batch, columns)
-                else:
-                    full = predict(data.read(batch), group.targets)
-                    block = np.maximum(full[:, columns], 0.0).astype(np.float32)
-                writer.append(sp.csr_matrix(block))
-                bar.update(batch.size)
+            if real:
+                for rows in row_batches(data.rows_of(group.condition), batch_size):
+                    append(data.read(rows, columns))
+                continue
+            predicted = np.concatenate(
+                [
+                    model.cells(data.read(rows), group.targets)
+                    for rows in row_batches(group.input_rows, batch_size)
+                ]
+            )
+            cells, negative, filled = match_mean(predicted, means[group.condition])
+            diagnostics.clipped_values[group.target_gene] = negative
+            diagnostics.filled_genes[group.target_gene] = filled
+            for start in range(0, cells.shape[0], batch_size):
+                append(cells[start : start + batch_size, columns])
+        if uns is not None and not real:
+            writer.set_uns(
+                {
+                    name: {**section, "construction": diagnostics.as_uns()}
+                    for name, section in uns.items()
+                }
+            )
     log.info("wrote %s: %d cells x %d genes", path, total, len(columns))
+    return diagnostics

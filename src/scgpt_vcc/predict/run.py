@@ -14,26 +14,18 @@ import numpy as np
 
 from scgpt_vcc.data.pairing import read_pairing
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.predict import MODEL_TYPES
-from scgpt_vcc.predict.baselines import (
-    condition_means,
-    control_predictor,
-    fit_linear,
-    linear_predictor,
-    train_mean_predictor,
-    train_mean_vector,
-    training_perturbations,
-)
+from scgpt_vcc.predict import MODEL_TYPES, SCGPT_MODEL_TYPES
+from scgpt_vcc.predict.baselines import fit_baseline, training_perturbations
 from scgpt_vcc.predict.cells import (
     ExpressionData,
     Group,
-    Predict,
     heldout_groups,
     sample_controls,
     write_cells,
 )
+from scgpt_vcc.predict.population import CellModel, ControlReference, control_reference
 from scgpt_vcc.predict.scgpt import DEFAULT_CHUNK_SIZE, load_predictor
-from scgpt_vcc.train.batches import CONTROL_CONDITION, read_split
+from scgpt_vcc.train.batches import read_split
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +37,7 @@ class PredictSettings:
     seed: int = 1
     n_cells: int | None = None
     n_control_cells: int | None = None
+    n_reference_cells: int | None = 2048
     batch_size: int = 64
     chunk_size: int = DEFAULT_CHUNK_SIZE
     device: str = "auto"
@@ -52,46 +45,50 @@ class PredictSettings:
     linear_ridge: float = 0.1
 
 
-def build_predictor(
+def build_model(
     model_type: str,
     data: ExpressionData,
     train_conditions: list[str],
     settings: PredictSettings,
     model_dir: str | Path | None = None,
-) -> Predict:
-    """The prediction function of ``model_type``, fitted on ``train_conditions`` if needed."""
+) -> CellModel:
+    """The model of ``model_type``, fitted on ``train_conditions`` if it is a baseline.
+
+    ``model_dir``: the trained folder for scGPT models, the pretrained checkpoint for
+    ``linear_scgpt`` (its gene embeddings).
+    """
     if model_type not in MODEL_TYPES:
         raise InputError(
             "config", "predict.model_types", f"{model_type!r} is unknown", f"use {MODEL_TYPES}"
         )
-    if model_type == "control":
-        return control_predictor()
-    if model_type.startswith("scgpt"):
-        if model_dir is None:
-            raise InputError("cli", "--model-dir", "is required for scGPT", "give the model folder")
+    needs_folder = model_type in (*SCGPT_MODEL_TYPES, "linear_scgpt")
+    if needs_folder and model_dir is None:
+        raise InputError("cli", "--model-dir", f"is required for {model_type}", "give the folder")
+    if model_type in SCGPT_MODEL_TYPES:
         return load_predictor(
             model_dir,
             data.genes,
-            finetuned=model_type == "scgpt_finetuned",
             chunk_size=settings.chunk_size,
             seed=settings.seed,
             device=settings.device,
         )
-    perturbations = training_perturbations(train_conditions)
-    if not perturbations:
+    if model_type != "control" and not training_perturbations(train_conditions):
         raise InputError(data.path, "split 'train'", "has no perturbation", "check the split")
-    means = condition_means(data, [*perturbations, CONTROL_CONDITION])
-    if model_type == "train_mean":
-        return train_mean_predictor(train_mean_vector(means[:-1]))
-    model = fit_linear(
-        data.genes,
-        means[:-1],
-        perturbations,
-        means[-1],
+    return fit_baseline(
+        model_type,
+        data,
+        train_conditions,
         pca_dim=settings.linear_pca_dim,
         ridge=settings.linear_ridge,
+        checkpoint_dir=model_dir,
     )
-    return linear_predictor(model)
+
+
+def reference_for(data: ExpressionData, settings: PredictSettings) -> ControlReference:
+    """The seed's reference controls: the same for every model type and perturbation."""
+    return control_reference(
+        data, settings.n_reference_cells, settings.seed, batch_size=settings.batch_size
+    )
 
 
 def _plan(
@@ -123,7 +120,7 @@ def predict_heldout(
     """Write ``{model_type}.h5ad``: controls plus predicted cells of each test condition."""
     data = ExpressionData(data_path)
     split, controls, groups = _plan(data, Path(split_path), Path(pairing_path), settings)
-    predict = build_predictor(model_type, data, split["train"], settings, model_dir)
+    model = build_model(model_type, data, split["train"], settings, model_dir)
     log.info(
         "%s: %d held-out perturbations, %d control cells", model_type, len(groups), controls.size
     )
@@ -132,7 +129,8 @@ def predict_heldout(
         data,
         controls,
         groups,
-        predict,
+        model,
+        reference_for(data, settings),
         batch_size=settings.batch_size,
         uns=_uns(model_type, Path(split_path), settings),
     )

@@ -21,6 +21,18 @@ Attention memory per batch is ``B x heads x chunk_size^2`` instead of
 quadratically. Setting ``chunk_size`` to the number of genes or more gives full-length
 inference in one group, as upstream ``pred_perturb`` does.
 
+Population mean (see :mod:`scgpt_vcc.predict.population`)
+---------------------------------------------------------
+scGPT has no closed form for its response over the control population, so it is estimated
+over the reference control cells ``R`` (``predict.n_reference_cells``, the same cells for
+every perturbation and both scGPT models of a seed) with the regression estimator of
+survey sampling, which uses the exactly known mean ``c`` of all control cells: per gene,
+``mu = mean_R f + beta (c - mean_R x)`` with ``beta = cov_R(f, x) / var_R(x)`` (0 where
+``x`` is constant over ``R``). The part of the prediction that follows the input control
+value (the affine decoder's ``coeff * x``) then carries no sampling noise of ``R``; with
+``R`` = all controls it is the plain mean. The same estimate on each half of ``R`` measures
+how far a fresh draw of ``R`` would move each gene (``redraw_deviation``).
+
 Genes outside the vocabulary are not model input; they and every gene of a perturbation
 whose target is outside the vocabulary keep the control cell's value (policy in
 :mod:`scgpt_vcc.model.vocab`), and the latter are logged.
@@ -37,13 +49,8 @@ import numpy as np
 import torch
 
 from scgpt_vcc.model import TransformerGenerator, load_model, match_genes
-from scgpt_vcc.model.checkpoint import (
-    ARGS_FILE,
-    DEFAULT_LOAD_PREFIXES,
-    VOCAB_FILE,
-    read_args,
-    read_vocab,
-)
+from scgpt_vcc.model.checkpoint import ARGS_FILE, VOCAB_FILE, read_args, read_vocab
+from scgpt_vcc.predict.population import ControlReference, PopulationMean
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +81,8 @@ def gene_chunks(
 class ScGPTPredictor:
     """Predict perturbed cells from control cells with a TransformerGenerator.
 
-    Called as ``predictor(control [n, G], targets) -> [n, G]`` on the data's gene order.
+    A :class:`~scgpt_vcc.predict.population.CellModel`: ``cells(control [n, G], targets) -> [n, G]``
+    on the data's gene order.
     """
 
     def __init__(
@@ -119,7 +127,7 @@ class ScGPTPredictor:
         return np.asarray(found, dtype=np.int64)
 
     @torch.inference_mode()
-    def __call__(self, control: np.ndarray, targets: Sequence[str]) -> np.ndarray:
+    def cells(self, control: np.ndarray, targets: Sequence[str]) -> np.ndarray:
         result = np.array(control, dtype=np.float32, copy=True)
         target_inputs = self._target_inputs(targets)
         if len(targets) and target_inputs.size == 0:
@@ -147,26 +155,69 @@ class ScGPTPredictor:
         result[:, self.input_columns] = predicted
         return result
 
+    def population_mean(
+        self, targets: Sequence[str], reference: ControlReference
+    ) -> PopulationMean:
+        """Regression estimate over the reference controls (module docstring), with its
+        re-draw deviation from the two halves of the reference (alternate cells)."""
+        halves = [_Moments(reference.mean.size) for _ in range(2)]
+        seen = 0
+        for control in reference.batches():
+            predicted = self.cells(control, targets)
+            half = (seen + np.arange(control.shape[0])) % 2
+            for h, moments in enumerate(halves):
+                moments.add(control[half == h], predicted[half == h])
+            seen += control.shape[0]
+        total = halves[0] + halves[1]
+        mean = total.regression_mean(reference.mean)
+        if min(h.n for h in halves) == 0:
+            return PopulationMean(mean)
+        a, b = (h.regression_mean(reference.mean) for h in halves)
+        # Two half-size estimates differ by sqrt(2) x the spread of two full-size draws.
+        return PopulationMean(mean, float(np.abs(a - b).max() / np.sqrt(2)))
+
+
+class _Moments:
+    """Running sums for the regression estimator of a mean (float64, per gene)."""
+
+    def __init__(self, n_genes: int) -> None:
+        self.n = 0
+        self.x, self.f, self.xx, self.xf = (np.zeros(n_genes) for _ in range(4))
+
+    def add(self, x: np.ndarray, f: np.ndarray) -> None:
+        x, f = x.astype(np.float64), f.astype(np.float64)
+        self.n += x.shape[0]
+        self.x += x.sum(axis=0)
+        self.f += f.sum(axis=0)
+        self.xx += (x * x).sum(axis=0)
+        self.xf += (x * f).sum(axis=0)
+
+    def __add__(self, other: _Moments) -> _Moments:
+        out = _Moments(self.x.size)
+        out.n = self.n + other.n
+        for name in ("x", "f", "xx", "xf"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+    def regression_mean(self, population_x: np.ndarray) -> np.ndarray:
+        x_bar, f_bar = self.x / self.n, self.f / self.n
+        var = self.xx / self.n - x_bar**2
+        cov = self.xf / self.n - x_bar * f_bar
+        beta = np.divide(cov, var, out=np.zeros_like(var), where=var > 1e-12)
+        return f_bar + beta * (population_x - x_bar)
+
 
 def load_predictor(
     model_dir: str | Path,
     genes: Sequence[str],
     *,
-    finetuned: bool,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     seed: int = 0,
     device: str = "auto",
 ) -> ScGPTPredictor:
-    """Predictor from a finetuned folder (all parameters) or the pretrained one.
-
-    The pretrained folder holds no perturbation embedding or affine decoder: like the
-    tutorial, only the encoder, value encoder and transformer are loaded and the rest is
-    freshly initialised (seeded), which is what "no finetuning" means here.
-    """
+    """Predictor from a trained folder (``finetune``'s output: every parameter is loaded)."""
     folder = Path(model_dir)
-    torch.manual_seed(seed)
-    prefixes = None if finetuned else DEFAULT_LOAD_PREFIXES
-    model = load_model(folder, load_prefixes=prefixes, device=pick_device(device))
+    model = load_model(folder, load_prefixes=None, device=pick_device(device))
     vocab = read_vocab(folder / VOCAB_FILE, read_args(folder / ARGS_FILE)["pad_token"])
     log.info(
         "scGPT inference on %s, gene chunks of %d",

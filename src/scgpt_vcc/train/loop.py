@@ -703,10 +703,28 @@ def _finetune(
     genes = var["gene_name"].astype(str) if "gene_name" in var else var.index.astype(str)
     cells = PerturbationCells(data, pairing, match_genes(list(genes), vocab))
     split = read_split(split_path)
-    train_rows = cells.rows_of(split["train"] or None)
+    if split_path is not None and not split["train"]:
+        raise InputError(
+            split_path, "train", "is empty", "rebuild the split; an empty list never trains"
+        )
+    train_rows = cells.rows_of(split["train"] if split_path is not None else None)
+    if train_rows.size == 0:
+        raise InputError(
+            split_path or data,
+            "train",
+            "has no cell the model can learn from (targets outside the vocabulary?)",
+            "check the split and the vocabulary match in run.log",
+        )
     val_conditions = [
         c for c in split["val"] if c in cells.conditions and c not in cells.unlearnable
     ]
+    log.info(
+        "split %s: %d training conditions (%d cells), %d validation conditions",
+        Path(split_path).name if split_path is not None else "none (every condition trains)",
+        len(set(split["train"])) if split_path is not None else len(cells.conditions),
+        train_rows.size,
+        len(val_conditions),
+    )
 
     torch.manual_seed(cfg.seed)
     model = load_model(
