@@ -29,13 +29,13 @@ from scgpt_vcc.data.convert import convert_to_gears  # noqa: E402
 from scgpt_vcc.data.synthetic import SyntheticSpec, write_synthetic_dataset  # noqa: E402
 from scgpt_vcc.predict.cells import ExpressionData  # noqa: E402
 from scgpt_vcc.predict.population import ControlReference  # noqa: E402
-from scgpt_vcc.predict.scgpt import _Moments, load_predictor  # noqa: E402
+from scgpt_vcc.predict.scgpt import RegressionMoments, load_predictor  # noqa: E402
 
 
 def estimates(predictor, data: ExpressionData, rows, mean, targets) -> tuple[np.ndarray, ...]:
     """(regression estimate, plain mean) of the population mean over reference ``rows``."""
     reference = ControlReference(data, rows, mean, batch_size=128)
-    moments = _Moments(mean.size)
+    moments = RegressionMoments(mean.size)
     for control in reference.batches():
         moments.add(control, predictor.cells(control, targets))
     return moments.regression_mean(mean), moments.f / moments.n

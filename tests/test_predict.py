@@ -32,7 +32,7 @@ from scgpt_vcc.predict.run import (
     reference_for,
     write_real,
 )
-from scgpt_vcc.predict.scgpt import _Moments, gene_chunks, load_predictor
+from scgpt_vcc.predict.scgpt import RegressionMoments, gene_chunks, load_predictor
 
 torch.set_num_threads(1)
 
@@ -304,7 +304,7 @@ def test_regression_estimator_is_exact_for_a_response_linear_in_the_input() -> N
     rng = np.random.default_rng(7)
     population = rng.gamma(2.0, 1.0, size=(5000, 4))
     sample = population[rng.choice(5000, 100, replace=False)]
-    moments = _Moments(4)
+    moments = RegressionMoments(4)
     moments.add(sample, 0.7 * sample + 0.2)
     np.testing.assert_allclose(
         moments.regression_mean(population.mean(axis=0)), 0.7 * population.mean(axis=0) + 0.2

@@ -160,7 +160,7 @@ class ScGPTPredictor:
     ) -> PopulationMean:
         """Regression estimate over the reference controls (module docstring), with its
         re-draw deviation from the two halves of the reference (alternate cells)."""
-        halves = [_Moments(reference.mean.size) for _ in range(2)]
+        halves = [RegressionMoments(reference.mean.size) for _ in range(2)]
         seen = 0
         for control in reference.batches():
             predicted = self.cells(control, targets)
@@ -177,7 +177,7 @@ class ScGPTPredictor:
         return PopulationMean(mean, float(np.abs(a - b).max() / np.sqrt(2)))
 
 
-class _Moments:
+class RegressionMoments:
     """Running sums for the regression estimator of a mean (float64, per gene)."""
 
     def __init__(self, n_genes: int) -> None:
@@ -192,8 +192,8 @@ class _Moments:
         self.xx += (x * x).sum(axis=0)
         self.xf += (x * f).sum(axis=0)
 
-    def __add__(self, other: _Moments) -> _Moments:
-        out = _Moments(self.x.size)
+    def __add__(self, other: RegressionMoments) -> RegressionMoments:
+        out = RegressionMoments(self.x.size)
         out.n = self.n + other.n
         for name in ("x", "f", "xx", "xf"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
