@@ -33,6 +33,14 @@ global optimiser step hook, so batch building and data loading are inside the ti
   no flag column in ``x`` (the tutorial's ``x[:, 1]``), so the flags are set at the gene
   positions of ``pert_names[pert_idx]`` (GEARS's perturbation-gene list), per cell.
 
+``--device cuda`` (bench/gpu_check.py) runs every method on the GPU, each in the precision it
+ships with: ``ours`` and ``ours-w0`` in the config's ``auto`` (bf16 from Ampere on),
+``ours-bf16`` / ``ours-fp16`` forced, ``ours-compile`` = ``ours`` with ``train.compile``;
+``reference`` as the tutorial runs on CUDA (its ``amp=True``: fp16 autocast and a
+GradScaler), ``reference-bf16`` in bf16 autocast without a scaler. Step times are read
+after a device synchronisation at the first and last timed step, so queued GPU work is
+inside the timing; ``peak_gpu_mb`` is ``torch.cuda.max_memory_allocated``.
+
 Prints one JSON line per method and the ratio; writes ``results.json`` in the work folder
 (``--profile``: also ``profile_{method}.txt``, torch.profiler's top operators by self CPU time;
 profiling slows the run, so its throughput is not comparable).
@@ -57,12 +65,14 @@ from gears_processing import fake_go_files  # bench/ is on sys.path when run as 
 from scgpt_vcc.model.upstream import upstream_scgpt
 
 REPO = Path(__file__).resolve().parents[1]
-SCGPT = str(Path(sys.executable).with_name("scgpt-vcc"))
+SCGPT = [sys.executable, "-m", "scgpt_vcc.cli"]  # also where the entry point is not installed
 NAME = "bench"
 SEED = 1
 VOCAB_SIZE = 60_694  # genes in the whole-human vocabulary (+ <pad>, <cls>, <eoc>)
 VOCAB_MATCH = 0.987  # share of VCC genes in it
-METHODS = ("ours", "ours-w0", "reference", "ours-bf16", "reference-bf16")
+METHODS = (
+    "ours", "ours-w0", "reference", "ours-bf16", "ours-fp16", "ours-compile", "reference-bf16"
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- data
@@ -70,7 +80,7 @@ METHODS = ("ours", "ours-w0", "reference", "ours-bf16", "reference-bf16")
 
 def _cli(log: Path, *args: str) -> None:
     with open(log, "a") as err:
-        subprocess.run([SCGPT, *args], check=True, stdout=subprocess.DEVNULL, stderr=err)
+        subprocess.run([*SCGPT, *args], check=True, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def prepare(workdir: Path, n_cells: int, n_genes: int, n_perts: int, size: dict) -> dict:
@@ -123,15 +133,24 @@ def prepare(workdir: Path, n_cells: int, n_genes: int, n_perts: int, size: dict)
 
 
 class StepClock:
-    """Time of every optimiser step, from torch's global step post hook."""
+    """Time of every optimiser step, from torch's global step post hook.
 
-    def __init__(self) -> None:
+    On a GPU the steps numbered in ``sync_steps`` first wait for the device, so the span
+    between them holds all the GPU work queued in it (other steps stay asynchronous).
+    """
+
+    def __init__(self, sync_steps: tuple[int, ...] = ()) -> None:
+        import torch
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.times: list[float] = []
-        self.handle = register_optimizer_step_post_hook(
-            lambda *_: self.times.append(time.perf_counter())
-        )
+
+        def record(*_: object) -> None:
+            if len(self.times) in sync_steps and torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+        self.handle = register_optimizer_step_post_hook(record)
 
     def cells_per_s(self, warmup: int, steps: int, batch: int) -> float:
         if len(self.times) < warmup + steps:
@@ -141,30 +160,51 @@ class StepClock:
         return n * batch / (self.times[warmup + steps - 1] - start)
 
 
-def run_ours(paths: dict, args: argparse.Namespace, workers: int, bf16: bool) -> StepClock:
+def _sync_steps(args: argparse.Namespace) -> tuple[int, ...]:
+    return (max(args.warmup - 1, 0), args.warmup + args.steps - 1)
+
+
+def run_ours(paths: dict, args: argparse.Namespace, workers: int) -> StepClock:
     from scgpt_vcc.train.config import TrainConfig
     from scgpt_vcc.train.loop import finetune
 
+    precision = args.method.partition("-")[2] if args.method.endswith("16") else "auto"
+    mixed = args.device == "cuda" or precision != "auto"
     cfg = TrainConfig(
-        batch_size=args.batch, max_seq_len=args.max_seq_len, amp=bf16, cpu_amp=bf16,
-        device="cpu", workers=workers, seed=SEED, max_steps=args.warmup + args.steps,
+        batch_size=args.batch, max_seq_len=args.max_seq_len, amp=mixed, cpu_amp=mixed,
+        precision=precision, compile=args.method == "ours-compile", device=args.device,
+        workers=workers, seed=SEED, max_steps=args.warmup + args.steps,
     )  # fmt: skip
-    clock = StepClock()
+    clock = StepClock(_sync_steps(args))
     out = Path(args.workdir) / f"out_{args.method}"
     finetune(paths["processed"], paths["pairing"], paths["checkpoint"], out, cfg, paths["split"])
     (out / "resume" / "state.pt").unlink(missing_ok=True)  # a later run must start fresh
     return clock
 
 
-def run_reference(paths: dict, args: argparse.Namespace, bf16: bool) -> StepClock:
+def run_reference(paths: dict, args: argparse.Namespace) -> StepClock:
     modules = {"generation": "model.generation_model", "utils": "utils", "loss": "loss"}
     with upstream_scgpt(**modules) as up:
-        return _train_reference(up, paths, args, bf16)
+        return _train_reference(up, paths, args)
 
 
-def _train_reference(up, paths: dict, args: argparse.Namespace, bf16: bool) -> StepClock:
+def _reference_precision(args: argparse.Namespace):
+    """Autocast dtype (or None) and whether the tutorial's GradScaler is on."""
+    import torch
+
+    if args.method == "reference-bf16":
+        return torch.bfloat16, False
+    if args.device == "cuda":  # the tutorial's amp=True: torch.cuda.amp.autocast, fp16
+        return torch.float16, True
+    return None, False  # its autocast and scaler are CUDA-only
+
+
+def _train_reference(up, paths: dict, args: argparse.Namespace) -> StepClock:
     import torch
     from gears import PertData
+
+    device = torch.device(args.device)
+    dtype, scaled = _reference_precision(args)
 
     torch.manual_seed(SEED)
     pert_data = PertData(paths["go_dir"])
@@ -204,14 +244,15 @@ def _train_reference(up, paths: dict, args: argparse.Namespace, bf16: bool) -> S
         }
     )
     model.load_state_dict(own)
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)  # amp is CUDA-only in the tutorial
-    clock = StepClock()
+    scaler = torch.amp.GradScaler(device.type, enabled=scaled)
+    clock = StepClock(_sync_steps(args))
     model.train()
     n_steps = args.warmup + args.steps
     max_seq_len = args.max_seq_len
     for step, batch_data in enumerate(pert_data.dataloader["train_loader"]):
-        if step == n_steps:
+        if len(clock.times) == n_steps:  # steps the grad scaler skipped (overflow) do not count
             break
         batch_size = len(batch_data.y)
         x = batch_data.x  # (batch_size * n_genes, 1)
@@ -231,7 +272,12 @@ def _train_reference(up, paths: dict, args: argparse.Namespace, bf16: bool) -> S
         mapped_input_gene_ids = up.utils.map_raw_id_to_vocab_id(input_gene_ids, gene_ids)
         mapped_input_gene_ids = mapped_input_gene_ids.repeat(batch_size, 1)
         src_key_padding_mask = torch.zeros_like(input_values, dtype=torch.bool)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        mapped_input_gene_ids, input_values, input_pert_flags, target_values = (
+            t.to(device)
+            for t in (mapped_input_gene_ids, input_values, input_pert_flags, target_values)
+        )
+        src_key_padding_mask = src_key_padding_mask.to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             output_dict = model(
                 mapped_input_gene_ids, input_values, input_pert_flags,
                 src_key_padding_mask=src_key_padding_mask,
@@ -243,7 +289,10 @@ def _train_reference(up, paths: dict, args: argparse.Namespace, bf16: bool) -> S
         model.zero_grad()
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, error_if_nonfinite=True)
+        # As the tutorial: with its grad scaler on, skipped overflow steps are not errors.
+        torch.nn.utils.clip_grad_norm_(
+            model.parameters(), 1.0, error_if_nonfinite=not scaler.is_enabled()
+        )
         scaler.step(optimizer)
         scaler.update()
         if step == 0:
@@ -271,11 +320,11 @@ def worker(args: argparse.Namespace) -> dict:
         profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
     started = time.perf_counter()
     with profiler:
-        bf16 = args.method.endswith("-bf16")
         if args.method.startswith("reference"):
-            clock = run_reference(paths, args, bf16)
+            clock = run_reference(paths, args)
         else:
-            clock = run_ours(paths, args, workers=1 if args.method == "ours" else 0, bf16=bf16)
+            workers = 1 if args.method in ("ours", "ours-compile") else 0
+            clock = run_ours(paths, args, workers=workers)
     if args.profile:
         table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
         Path(args.workdir, f"profile_{args.method}.txt").write_text(table)
@@ -289,6 +338,9 @@ def worker(args: argparse.Namespace) -> dict:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         # The batch worker is forked from the training process: shared pages count in both.
         "worker_peak_rss_mb": round(children) if args.method == "ours" else None,
+        "peak_gpu_mb": (
+            round(torch.cuda.max_memory_allocated() / 2**20) if args.device == "cuda" else None
+        ),
         "setup_s": round(clock.times[0] - started, 1),
         "wall_s": round(time.perf_counter() - started, 1),
     }
@@ -312,6 +364,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--profile", action="store_true", help="write profile_{method}.txt (torch.profiler)"
     )
@@ -345,6 +398,7 @@ def main() -> None:
         "settings": {
             **size, "batch": args.batch, "max_seq_len": min(args.max_seq_len, args.n_genes),
             "n_genes": args.n_genes, "n_cells": args.n_cells, "threads": args.threads,
+            "device": args.device,
             "warmup": args.warmup, "steps": args.steps,
         },
         "results": results,
@@ -354,7 +408,7 @@ def main() -> None:
         summary["ratio_vs_reference"] = {
             m: round(r["cells_per_s"] / ref, 2) for m, r in by_method.items() if m != "reference"
         }
-        print("cells/s ratio vs fp32 reference:", summary["ratio_vs_reference"])
+        print("cells/s ratio vs reference:", summary["ratio_vs_reference"])
     (args.workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -1,4 +1,5 @@
-"""Read the jobs a Snakemake dry run plans: rule, wildcards, reason and resources per job."""
+"""Read the jobs a Snakemake dry run plans: rule, wildcards, reason, resources and shell
+command (with ``-p``) per job."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class PlannedJob:
     wildcards: str = ""
     reason: str = ""
     resources: dict[str, str] = field(default_factory=dict)
+    shell: str = ""
 
     @property
     def gpu_type(self) -> str | None:
@@ -33,6 +35,9 @@ def parse_plan(output: str) -> list[PlannedJob]:
         header = JOB_HEADER.match(line)
         if header:
             jobs.append(PlannedJob(header.group(1)))
+            continue
+        if jobs and line.startswith("Shell command: "):
+            jobs[-1].shell = line.removeprefix("Shell command: ")
             continue
         if not jobs or not line.startswith("    "):
             continue

@@ -27,11 +27,12 @@ from scgpt_vcc.data.qc import qc_report
 from scgpt_vcc.data.splits import build_split
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.model.checkpoint import load_model, read_vocab, write_random_checkpoint
+from scgpt_vcc.model.device import precision_name
 from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.submission import read_counts
 from scgpt_vcc.train.batches import PerturbationCells
 from scgpt_vcc.train.config import TrainConfig
-from scgpt_vcc.train.loop import finetune, precision_name, resolve_precision
+from scgpt_vcc.train.loop import finetune, resolve_precision
 from tests.train_support import train_inputs  # noqa: F401
 
 FAST = {"max_seq_len": 64, "workers": 0, "batch_size": 16, "accumulation": 1}

@@ -15,10 +15,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import SNAKEMAKE, copy_workflow, write_tiny_config
+from tests.conftest import SNAKEMAKE, copy_workflow, run_snakemake, write_tiny_config
 from tests.dag_support import PlannedJob, plan
 from tests.slurm_cluster import SlurmCluster, SlurmError, ensure_installed
 
@@ -152,3 +153,37 @@ def test_shipped_profile_keeps_the_plugin_status_default() -> None:
     assert "tasks" not in settings["default-resources"]
     assert "cpus_per_task" not in settings["default-resources"]
     assert not (profile.parents[1] / "default").exists(), "profiles/default/ overrides --profile"
+
+
+@pytest.mark.slow
+def test_two_node_finetune_follows_one_process(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """train.nodes: 2 through SLURM: srun starts two torchrun agents that meet by c10d
+    rendezvous (gloo on CPU processes); the loss curve is one process's with the same
+    effective batch (8 x 1 x 2 processes = 8 x 2 accumulation x 1).
+
+    The test cluster has one node, so the job's ``nodes`` request is set to 1 there; the two
+    launcher tasks, the rendezvous and the launch command are the ones the workflow ships.
+    """
+    train = {"batch_size": 8, "epochs": 1, "device": "cpu", "cpu_amp": False, "dropout": 0.0}
+    one = copy_workflow(tmp_path / "one")
+    target = "results/models/demo/seed1/scgpt_finetuned/steps.csv"
+    config = write_tiny_config(one, train={**train, "accumulation": 2})
+    run_snakemake(one, target, "--configfile", config)
+    two = Path(shutil.copytree(one, tmp_path / "two", symlinks=True))
+    shutil.rmtree(two / "results" / "models")
+    config = write_tiny_config(two, train={**train, "accumulation": 1, "nodes": 2})
+    args = (target, "--profile", "profiles/slurm", "--configfile", config)
+    jobs = plan(two, *args)
+    assert [j.rule for j in jobs] == ["finetune"], "only the training goes to SLURM"
+    assert jobs[0].resources["nodes"] == "2" and jobs[0].resources["gres"] == "gpu:a40:1"
+    proc = start_snakemake(two, *args, "--set-resources", "finetune:nodes=1", *TEST_CLUSTER_FLAGS)
+    assert proc.wait(timeout=600) == 0, (two / "run.log").read_text()[-6000:]
+
+    (job,) = [j for j in jobs_of_run(slurm_cluster, two) if rule_of(j) == "finetune"]
+    assert job["JobState"] == "COMPLETED" and job["NumTasks"] == "2", job
+    run_log = (two / target).with_name("run.log").read_text()
+    assert "processes 2" in run_log and "effective batch 16 (= 8 x 1 x 2 processes)" in run_log
+    single = pd.read_csv(one / target)["loss"]
+    double = pd.read_csv(two / target)["loss"]
+    assert len(single) == len(double) > 5
+    pd.testing.assert_series_equal(single, double, rtol=1e-4)

@@ -22,7 +22,7 @@ from scgpt_vcc.model.checkpoint import DEFAULT_LOAD_PREFIXES, load_model, read_s
 from scgpt_vcc.model.transformer import TransformerGenerator
 from scgpt_vcc.train.config import LOAD_PREFIXES, TrainConfig
 from scgpt_vcc.train.loop import finetune, fit_micro_batch, resolve_precision
-from tests.train_support import train_cells, train_inputs  # noqa: F401
+from tests.train_support import run_finetune, train_cells, train_inputs  # noqa: F401
 
 CLI = str(Path(sys.executable).with_name("scgpt-vcc"))
 FAST = {"max_seq_len": 128, "workers": 0, "batch_size": 16, "accumulation": 2}
@@ -56,7 +56,7 @@ def test_oom_halves_micro_batch_and_doubles_accumulation(caplog):
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_precision_follows_device_and_config(monkeypatch, native_bf16):
-    monkeypatch.setattr("scgpt_vcc.train.loop.cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr("scgpt_vcc.model.device.cpu_has_native_bf16", lambda: native_bf16)
     cpu = torch.device("cpu")
     bf16_if_native = torch.bfloat16 if native_bf16 else None
     assert resolve_precision(TrainConfig(), cpu) is bf16_if_native
@@ -67,14 +67,7 @@ def test_precision_follows_device_and_config(monkeypatch, native_bf16):
 
 def test_finetune_lowers_training_loss_and_writes_loadable_outputs(train_inputs, tmp_path):
     cfg = TrainConfig(epochs=3, **FAST)
-    out = finetune(
-        train_inputs["data"],
-        train_inputs["pairing"],
-        train_inputs["checkpoint"],
-        tmp_path / "model",
-        cfg,
-        split=train_inputs["split"],
-    )
+    out = run_finetune(train_inputs, tmp_path / "model", cfg)
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2, 3]
     assert metrics["train_loss"].iloc[-1] < 0.8 * metrics["train_loss"].iloc[0]
@@ -103,14 +96,7 @@ def test_oom_at_start_keeps_the_effective_batch(train_inputs, tmp_path, monkeypa
 
     monkeypatch.setattr(TransformerGenerator, "forward", small_memory)
     cfg = TrainConfig(epochs=1, max_steps=2, **FAST)  # the set-up is what is checked
-    out = finetune(
-        train_inputs["data"],
-        train_inputs["pairing"],
-        train_inputs["checkpoint"],
-        tmp_path / "model",
-        cfg,
-        split=train_inputs["split_noval"],
-    )
+    out = run_finetune(train_inputs, tmp_path / "model", cfg, "split_noval")
     log = (out / "run.log").read_text()
     assert "retrying with micro-batch 8 and accumulation 4" in log
     assert "batch_size 4, accumulation 8, effective batch 32" in log

@@ -110,6 +110,24 @@ def test_dry_run_plans_the_submission_model_and_the_scratch_ablation(tmp_path: P
     assert next(j for j in baseline if j.rule == "submission").gpu_type is None
 
 
+@pytest.mark.parametrize(("gpu_class", "precision"), [("a40", "bf16"), ("titanrtx", "fp16")])
+def test_scgpt_predicts_in_the_precision_it_trains_in(
+    tmp_path: Path, gpu_class: str, precision: str
+) -> None:
+    workdir = copy_workflow(tmp_path)
+    config = write_tiny_config(workdir, gpu_class=gpu_class)
+    jobs = plan(workdir, "-p", "--configfile", config)
+    finetune = next(j for j in jobs if j.rule == "finetune")
+    assert f"--precision {precision}" in finetune.shell
+    for job in jobs:
+        if job.rule in ("predict_scgpt", "submission"):
+            assert f"--precision {precision}" in job.shell, job.rule
+        elif job.rule == "predict_baseline":
+            assert "--precision" not in job.shell
+    amp_off = plan(workdir, "-p", "--configfile", write_tiny_config(workdir, train={"amp": False}))
+    assert "--precision fp32" in next(j for j in amp_off if j.rule == "predict_scgpt").shell
+
+
 @pytest.mark.parametrize(
     ("overrides", "complaint"),
     [

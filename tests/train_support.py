@@ -16,6 +16,8 @@ from scgpt_vcc.io import read_annotations
 from scgpt_vcc.model.checkpoint import read_vocab, write_random_checkpoint
 from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.train.batches import PerturbationCells
+from scgpt_vcc.train.config import TrainConfig
+from scgpt_vcc.train.loop import finetune
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +44,13 @@ def train_inputs(converted_path: Path, tmp_path_factory: pytest.TempPathFactory)
         "split": out / "split.pkl",
         "split_noval": out / "split_noval.pkl",
     }
+
+
+def run_finetune(inputs: dict, outdir: Path, cfg: TrainConfig, split: str = "split") -> Path:
+    """``finetune`` on the fixture's data, pairing and checkpoint with one of its splits."""
+    return finetune(
+        inputs["data"], inputs["pairing"], inputs["checkpoint"], outdir, cfg, split=inputs[split]
+    )
 
 
 @pytest.fixture(scope="session")

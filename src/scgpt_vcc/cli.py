@@ -294,6 +294,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", type=_bool, default=d.amp, help="mixed precision (true/false)")
     p.add_argument("--cpu-amp", type=_bool, default=d.cpu_amp, help="bf16 autocast on CPU")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision)
+    p.add_argument(
+        "--compile", type=_bool, default=d.compile, help="torch.compile training (GPU only)"
+    )
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--selection", choices=SELECTIONS, default=d.selection)
@@ -329,6 +332,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
             amp=a.amp,
             cpu_amp=a.cpu_amp,
             precision=a.precision,
+            compile=a.compile,
             grad_clip=a.grad_clip,
             dropout=a.dropout,
             selection=a.selection,
@@ -441,6 +445,7 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Options of the models themselves, shared by predict, heldout-real and submission."""
     from scgpt_vcc.predict.run import PredictSettings
+    from scgpt_vcc.train.config import PRECISIONS
 
     d = PredictSettings()
     p.add_argument(
@@ -452,6 +457,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="cells per model call")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="genes per model input")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="scGPT autocast on GPU, decided as in training (fp32 on CPU)",
+    )
     p.add_argument("--linear-pca-dim", type=int, default=d.linear_pca_dim)
     p.add_argument("--linear-ridge", type=float, default=d.linear_ridge)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -472,6 +483,7 @@ def _predict_settings(a: argparse.Namespace):
         batch_size=a.batch_size,
         chunk_size=a.chunk_size,
         device=a.device,
+        precision=a.precision,
         linear_pca_dim=a.linear_pca_dim,
         linear_ridge=a.linear_ridge,
     )

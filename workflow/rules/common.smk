@@ -1,3 +1,4 @@
+import os
 import shlex
 from pathlib import Path
 
@@ -184,13 +185,41 @@ TRAIN_CFG = config["train"]
 
 
 def finetune_launcher():
-    """The CLI, under torchrun with one process per GPU when several GPUs are requested."""
-    if TRAIN_CFG["gpus"] > 1:
-        return (
-            f"torchrun --standalone --nproc-per-node {TRAIN_CFG['gpus']}"
-            " $(command -v scgpt-vcc)"
+    """The CLI; under torchrun with one process per GPU when several GPUs are requested.
+
+    Several nodes (SLURM only): scripts/slurm_torchrun.sh starts one torchrun per node
+    with srun; they meet by c10d rendezvous on the job's first node.
+    """
+    nodes, gpus = TRAIN_CFG["nodes"], TRAIN_CFG["gpus"]
+    cli = "$(command -v scgpt-vcc)"
+    if nodes > 1:
+        # Relative, so that a moved working directory does not count as a param change.
+        script = os.path.relpath(
+            Path(workflow.basedir) / "scripts" / "slurm_torchrun.sh"
         )
+        return f"bash {script} {nodes} {gpus} {cli}"
+    if gpus > 1:
+        return f"torchrun --standalone --nproc-per-node {gpus} {cli}"
     return "scgpt-vcc"
+
+
+def finetune_resources():
+    """What a finetuning job asks for: train.gpus GPUs of gpu_class on each of train.nodes.
+
+    One node: --gpus=<type>:<gpus>. Several: --nodes, one task per node, --gres per node;
+    ``mpi`` makes the plugin run the command as it is (its own srun starts the tasks) and
+    ``tasks_per_gpu: 0`` keeps it from adding --ntasks-per-gpu.
+    """
+    nodes, gpus, gpu_type = TRAIN_CFG["nodes"], TRAIN_CFG["gpus"], GPU["slurm_gpu"]
+    if nodes == 1:
+        return {"gpu": gpus, "gpu_model": gpu_type}
+    return {
+        "nodes": nodes,
+        "tasks": nodes,
+        "tasks_per_gpu": 0,
+        "mpi": "srun",
+        "gres": f"gpu:{gpu_type}:{gpus}",
+    }
 
 
 def finetune_inputs(seed, split):
@@ -209,6 +238,14 @@ def load_prefixes_option(model_type):
     return cli_options(load_prefixes=",".join(prefixes))
 
 
+def gpu_precision():
+    """Autocast precision of scGPT on a GPU, in training and prediction alike: the GPU
+    class's unless train.precision overrides it; fp32 when train.amp is off."""
+    if not TRAIN_CFG["amp"]:
+        return "fp32"
+    return TRAIN_CFG["precision"] or GPU["precision"]
+
+
 def finetune_options():
     """Training options; batch size, accumulation and precision default to the GPU class."""
     per_gpu = {
@@ -217,7 +254,7 @@ def finetune_options():
     settings = {
         k: v
         for k, v in TRAIN_CFG.items()
-        if k not in ("gpus", "threads", "load_prefixes", *per_gpu)
+        if k not in ("gpus", "nodes", "threads", "load_prefixes", *per_gpu)
     }
     return cli_options(gpu_class=config["gpu_class"], **per_gpu, **settings)
 
@@ -299,9 +336,11 @@ def submission_resources():
     return {}
 
 
-def predict_options():
+def predict_options(model_type=None):
+    """Options of predict; an scGPT model also gets the training's GPU precision."""
     return cli_options(
-        **{k: v for k, v in PREDICT_CFG.items() if k not in ("model_types", "threads")}
+        precision=gpu_precision() if model_type and is_scgpt(model_type) else None,
+        **{k: v for k, v in PREDICT_CFG.items() if k not in ("model_types", "threads")},
     )
 
 
@@ -317,6 +356,7 @@ def submission_options():
         min_control_cells=SUBMIT_CFG["min_control_cells"],
         target_sum=SUBMIT_CFG["target_sum"],
         seed=SUBMISSION_SEED,
+        precision=gpu_precision() if is_scgpt(SUBMIT_CFG["model"]) else None,
         **{
             k: v
             for k, v in PREDICT_CFG.items()

@@ -23,7 +23,7 @@ rule predict_baseline:
     threads: PREDICT_CFG["threads"]
     params:
         model=lambda w: cli_options(model_dir=model_dir(w.model_type, w.seed)),
-        options=predict_options(),
+        options=lambda w: predict_options(w.model_type),
     shell:
         "scgpt-vcc predict --model-type {wildcards.model_type} --data {input.data}"
         " --split {input.split} --pairing {input.pairing} --seed {wildcards.seed}"

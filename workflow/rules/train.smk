@@ -21,8 +21,7 @@ rule finetune:
         "../../envs/scgpt-vcc.yaml"
     threads: TRAIN_CFG["threads"]
     resources:
-        gpu=TRAIN_CFG["gpus"],
-        gpu_model=GPU["slurm_gpu"],
+        **finetune_resources(),
     params:
         outdir=lambda w, output: Path(output.best_model).parent,
         checkpoint_dir=lambda w, input: Path(input.pretrained[0]).parent,

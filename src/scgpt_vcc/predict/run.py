@@ -41,6 +41,7 @@ class PredictSettings:
     batch_size: int = 64
     chunk_size: int = DEFAULT_CHUNK_SIZE
     device: str = "auto"
+    precision: str = "auto"
     linear_pca_dim: int = 10
     linear_ridge: float = 0.1
 
@@ -71,6 +72,7 @@ def build_model(
             chunk_size=settings.chunk_size,
             seed=settings.seed,
             device=settings.device,
+            precision=settings.precision,
         )
     if model_type != "control" and not training_perturbations(train_conditions):
         raise InputError(data.path, "split 'train'", "has no perturbation", "check the split")

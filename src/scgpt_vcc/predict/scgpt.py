@@ -50,17 +50,12 @@ import torch
 
 from scgpt_vcc.model import TransformerGenerator, load_model, match_genes
 from scgpt_vcc.model.checkpoint import ARGS_FILE, VOCAB_FILE, read_args, read_vocab
+from scgpt_vcc.model.device import autocast_dtype, pick_device, precision_name
 from scgpt_vcc.predict.population import ControlReference, PopulationMean
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1536
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def gene_chunks(
@@ -93,9 +88,11 @@ class ScGPTPredictor:
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         seed: int = 0,
+        precision: str = "auto",
     ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        self.dtype = autocast_dtype(precision, self.device)
         self.match = match_genes(list(genes), vocab)
         self.input_columns = self.match.input_positions
         self.input_ids = torch.as_tensor(self.match.input_ids, dtype=torch.long)
@@ -106,11 +103,10 @@ class ScGPTPredictor:
         self._reported: set[tuple[str, ...]] = set()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 (fp16 before Ampere) autocast on GPU, as in training; fp32 on CPU."""
-        if self.device.type != "cuda":
+        """The training precision's autocast on GPU (same decision); fp32 on CPU."""
+        if self.dtype is None:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _target_inputs(self, targets: Sequence[str]) -> np.ndarray:
         found = [self.input_index[t] for t in targets if t in self.input_index]
@@ -214,14 +210,19 @@ def load_predictor(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     seed: int = 0,
     device: str = "auto",
+    precision: str = "auto",
 ) -> ScGPTPredictor:
     """Predictor from a trained folder (``finetune``'s output: every parameter is loaded)."""
     folder = Path(model_dir)
     model = load_model(folder, load_prefixes=None, device=pick_device(device))
     vocab = read_vocab(folder / VOCAB_FILE, read_args(folder / ARGS_FILE)["pad_token"])
+    predictor = ScGPTPredictor(
+        model, vocab, genes, chunk_size=chunk_size, seed=seed, precision=precision
+    )
     log.info(
-        "scGPT inference on %s, gene chunks of %d",
-        model.encoder.embedding.weight.device,
+        "scGPT inference on %s in %s, gene chunks of %d",
+        predictor.device,
+        precision_name(predictor.dtype),
         chunk_size,
     )
-    return ScGPTPredictor(model, vocab, genes, chunk_size=chunk_size, seed=seed)
+    return predictor

@@ -24,6 +24,7 @@ class TrainConfig:
     max_seq_len: int = 1536
     amp: bool = True
     cpu_amp: bool = True
+    compile: bool = True
     precision: str = "auto"
     grad_clip: float = 1.0
     dropout: float = 0.0

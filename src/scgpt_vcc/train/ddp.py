@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from scgpt_vcc.model.device import pick_device
+
 log = logging.getLogger(__name__)
 
 
@@ -55,18 +57,6 @@ def _slurm_master() -> str:
         return nodes.split(",")[0]
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto`` = this process's GPU when CUDA is available, else the CPU."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
 def setup(requested_device: str = "auto") -> DistContext:
     """Join the process group when launched by torchrun/srun with more than one process."""
     launched = _launcher_env()
@@ -96,6 +86,16 @@ def all_reduce(value: float | int, ctx: DistContext, op: str = "sum") -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op])
     return float(t.item())
+
+
+def average(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Mean of a tensor over all processes (itself in a single process)."""
+    if not ctx.distributed:
+        return values
+    device = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = values.to(device, torch.float64)
+    dist.all_reduce(total)
+    return total / ctx.world_size
 
 
 def barrier(ctx: DistContext) -> None:

@@ -25,7 +25,6 @@ gene subset of each batch, mixed precision, gradient clipping), with its flaws f
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -54,6 +53,7 @@ from scgpt_vcc.model.checkpoint import (
     read_vocab,
     save_checkpoint,
 )
+from scgpt_vcc.model.device import autocast_dtype, enable_tf32, precision_name
 from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.train import ddp
 from scgpt_vcc.train.batches import (
@@ -70,55 +70,20 @@ from scgpt_vcc.train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 RESUME_DIR = "resume"
+# Optimiser steps between reads of the loss from the device (each read waits for the GPU).
+LOSS_READ_STEPS = 25
 # Settings that may change between a run and its resumption without invalidating it.
-RESUME_FREE_FIELDS = ("max_steps", "workers", "device", "gpu_class", "checkpoint_every_steps")
+RESUME_FREE_FIELDS = (
+    "max_steps", "workers", "device", "gpu_class", "checkpoint_every_steps", "compile"
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- precision
 
 
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); Linux only.
-
-    Elsewhere bf16 is emulated and slower than fp32, so CPU autocast stays off.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32.
-
-    On GPU ``precision`` decides: ``auto`` is bf16 where supported (A100, A40, H100) and
-    fp16 elsewhere (TITAN RTX, V100); bf16 asked of a GPU without it falls back to fp16.
-    On CPU ``cpu_amp`` gives bf16 where the CPU has it natively: 1.55x our fp32 cells/s
-    in bench/train_throughput.py on a Zen 4 CPU, with the same loss curve to 1e-3
-    (docs/benchmarks.md).
-    """
-    if not cfg.amp or cfg.precision == "fp32":
-        return None
-    if device.type != "cuda":
-        if not cfg.cpu_amp:
-            return None
-        if cpu_has_native_bf16():
-            return torch.bfloat16
-        log.info("this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32")
-        return None
-    bf16_ok = torch.cuda.is_bf16_supported()
-    if cfg.precision == "fp16" or not bf16_ok:
-        if cfg.precision == "bf16":
-            log.warning("this GPU has no bf16 support; training in fp16 with a grad scaler")
-        return torch.float16
-    return torch.bfloat16
-
-
-def precision_name(dtype: torch.dtype | None) -> str:
-    """``bf16``, ``fp16`` or ``fp32``: the names the config uses."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    """Autocast dtype of a run, or None for fp32 (see ``model.device.autocast_dtype``)."""
+    return autocast_dtype(cfg.precision if cfg.amp else "fp32", device, cpu_amp=cfg.cpu_amp)
 
 
 # --------------------------------------------------------------------------- OOM fallback
@@ -209,7 +174,8 @@ class Trainer:
         self.fingerprint = fingerprint
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+        # The fused step: one kernel for all parameters instead of several per tensor.
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr, fused=ctx.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 1, gamma=cfg.gamma)
         self.dtype = resolve_precision(cfg, ctx.device)
         self.scaler = torch.amp.GradScaler(
@@ -228,6 +194,11 @@ class Trainer:
             )
         self.ddp_model: nn.Module = model
         self._ctrl_mean: torch.Tensor | None = None
+        self._pending: list[tuple[torch.Tensor, list[int]]] = []
+        # torch.compile: 1.41x the cells/s of eager bf16 training on an H200 at the real size
+        # (docs/benchmarks.md); on a CPU unmeasured and it needs a C++ compiler, so GPU only.
+        self.compiled = cfg.compile and ctx.device.type == "cuda"
+        enable_tf32(ctx.device)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -340,18 +311,24 @@ class Trainer:
         )
 
     def train_epoch(self, epoch: int, bar: tqdm, best: Callable[[], Any]) -> bool:
-        """Run the remaining steps of ``epoch``; False when ``max_steps`` stopped the run."""
+        """Run the remaining steps of ``epoch``; False when ``max_steps`` stopped the run.
+
+        Step losses stay on the device and are read every ``LOSS_READ_STEPS`` steps and
+        before anything is saved, so a step never waits for the GPU; a non-finite loss
+        still stops the run before a diverged model can be written.
+        """
         cfg, state, plan = self.cfg, self.state, self.plan()
         steps = TrainSteps(self.cells, self.train_rows, plan, epoch, state.step, cfg.max_seq_len)
         batches = self._loader(steps)
         self.model.train()
         for _ in range(steps.n_steps):
             if cfg.max_steps is not None and self._steps_this_run >= cfg.max_steps:
+                self._read_losses(epoch, bar)
                 self.save_state(best())
                 return False
             torch.manual_seed(_step_seed(cfg.seed, epoch, state.step, self.ctx.rank))
             self.optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
+            step_loss = torch.zeros((), device=self.ctx.device)
             bad_rows: list[int] = []
             for j in range(plan.accumulation):
                 last = j == plan.accumulation - 1
@@ -360,34 +337,47 @@ class Trainer:
                     sync = self.ddp_model.no_sync()
                 with sync:
                     batch = next(batches)
+                    bad_rows += _non_finite_rows(batch)  # the host copy: no device sync
                     loss = self._micro_loss(batch)
                     self.scaler.scale(loss / plan.accumulation).backward()
-                loss_sum += loss.item()
-                if not math.isfinite(loss.item()):
-                    bad_rows += _non_finite_rows(batch)
+                step_loss += loss.detach() / plan.accumulation
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-
-            step_loss = ddp.all_reduce(loss_sum / plan.accumulation, self.ctx) / self.ctx.world_size
-            if not math.isfinite(step_loss):
-                self._diverged(step_loss, epoch, bad_rows)
-            state.loss_sum += step_loss
-            state.loss_steps += 1
-            state.step_rows.append({"epoch": epoch + 1, "step": state.step + 1, "loss": step_loss})
+            self._pending.append((step_loss, bad_rows))
             state.step += 1
             self._steps_this_run += 1
             bar.update(plan.effective_batch)
-            bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch + 1)
             every = cfg.checkpoint_every_steps
-            if every and state.step % every == 0 and state.step < steps.n_steps + steps.start_step:
+            saving = every and state.step % every == 0
+            if saving or len(self._pending) == LOSS_READ_STEPS:
+                self._read_losses(epoch, bar)
+            if saving and state.step < steps.n_steps + steps.start_step:
                 self.save_state(best())
+        self._read_losses(epoch, bar)
         return True
 
-    def _diverged(self, loss: float, epoch: int, bad_rows: list[int]) -> NoReturn:
+    def _read_losses(self, epoch: int, bar: tqdm) -> None:
+        """Bring the pending step losses to the host (one sync), averaged over processes."""
+        if not self._pending:
+            return
+        state = self.state
+        losses = ddp.average(torch.stack([loss for loss, _ in self._pending]), self.ctx)
+        first_step = state.step - len(self._pending)
+        bad_rows = [rows for _, rows in self._pending]
+        for k, value in enumerate(losses.tolist()):
+            if not math.isfinite(value):
+                self._diverged(value, epoch, first_step + k, bad_rows[k])
+            state.loss_sum += value
+            state.loss_steps += 1
+            state.step_rows.append({"epoch": epoch + 1, "step": first_step + k + 1, "loss": value})
+        self._pending.clear()
+        bar.set_postfix(loss=f"{state.step_rows[-1]['loss']:.4f}", epoch=epoch + 1)
+
+    def _diverged(self, loss: float, epoch: int, step: int, bad_rows: list[int]) -> NoReturn:
         """Stop on a NaN/inf loss, before anything is saved, naming the likely cause."""
-        where = f"the training loss became {loss} at epoch {epoch + 1}, step {self.state.step + 1}"
+        where = f"the training loss became {loss} at epoch {epoch + 1}, step {step + 1}"
         if bad_rows:
             raise InputError(
                 self.cells.path,
@@ -465,6 +455,9 @@ class Trainer:
                 self.model,
                 device_ids=[self.ctx.device.index] if self.ctx.device.type == "cuda" else None,
             )
+        if self.compiled:
+            # Training steps only (fixed shapes); state dicts and validation use the module.
+            self.ddp_model = torch.compile(self.ddp_model)
         plan = self.plan()
         self._log_setup(plan)
         steps_per_epoch = plan.steps_per_epoch(len(self.train_rows))
@@ -549,13 +542,14 @@ class Trainer:
         device = self.ctx.device
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
         log.info(
-            "device %s (%s), gpu_class %s, processes %d, precision %s, grad scaler %s",
+            "device %s (%s), gpu_class %s, processes %d, precision %s, grad scaler %s, compiled %s",
             device,
             gpu,
             self.cfg.gpu_class or "unset",
             self.ctx.world_size,
             precision_name(self.dtype),
             self.scaler.is_enabled(),
+            self.compiled,
         )
         log.info(
             "batch_size %d, accumulation %d, effective batch %d (= %d x %d x %d processes); "
@@ -578,7 +572,9 @@ class Trainer:
 def _non_finite_rows(batch: Batch) -> list[int]:
     """h5ad rows of the cells whose expression or paired control holds NaN or inf."""
     finite = torch.isfinite(batch.values).all(1) & torch.isfinite(batch.target).all(1)
-    return batch.rows[~finite.cpu()].tolist()
+    if bool(finite.all()):
+        return []
+    return batch.rows[~finite].tolist()
 
 
 def _step_seed(*key: int) -> int:
@@ -781,9 +777,7 @@ def _finetune(
 
 __all__ = [
     "TrainConfig",
-    "cpu_has_native_bf16",
     "finetune",
     "fit_micro_batch",
-    "precision_name",
     "resolve_precision",
 ]
