@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.model import (
     TransformerGenerator,
-    load_model,
+    load_finetuned,
+    load_pretrained,
     match_genes,
     save_checkpoint,
     write_random_checkpoint,
@@ -113,11 +114,11 @@ def test_random_checkpoint_is_deterministic(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def test_load_model_loads_prefixes_and_logs(
+def test_load_pretrained_loads_prefixes_and_logs(
     ckpt_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="scgpt_vcc.model.checkpoint"):
-        model = load_model(ckpt_dir)
+        model = load_pretrained(ckpt_dir)
     state = read_state_dict(ckpt_dir / "best_model.pt")
     ours = model.state_dict()
     w = "transformer_encoder.layers.1.self_attn"
@@ -138,8 +139,8 @@ def test_load_model_loads_prefixes_and_logs(
     assert "loaded 33 tensors" in text and "skipped 10 checkpoint tensors" in text
 
 
-def test_load_model_with_other_prefixes(ckpt_dir: Path) -> None:
-    model = load_model(ckpt_dir, load_prefixes=("encoder",))
+def test_load_pretrained_with_other_prefixes(ckpt_dir: Path) -> None:
+    model = load_pretrained(ckpt_dir, load_prefixes=("encoder",))
     state = read_state_dict(ckpt_dir / "best_model.pt")
     assert torch.equal(
         model.state_dict()["encoder.enc_norm.weight"], state["encoder.enc_norm.weight"]
@@ -150,54 +151,60 @@ def test_load_model_with_other_prefixes(ckpt_dir: Path) -> None:
     )
 
 
-def test_load_model_rejects_vocab_size_mismatch(ckpt_dir: Path, tmp_path: Path) -> None:
+def test_load_pretrained_rejects_vocab_size_mismatch(ckpt_dir: Path, tmp_path: Path) -> None:
     bad = _copy_ckpt(ckpt_dir, tmp_path / "bad")
     vocab = json.loads((bad / "vocab.json").read_text())
     names = sorted(vocab, key=vocab.get)[1:]  # drop one gene, keep ids contiguous
     (bad / "vocab.json").write_text(json.dumps({g: i for i, g in enumerate(names)}))
     with pytest.raises(InputError) as err:
-        load_model(bad)
+        load_pretrained(bad)
     msg = str(err.value)
     assert "best_model.pt" in msg and "encoder.embedding.weight" in msg
     assert f"{len(vocab)}x32" in msg and f"{len(vocab) - 1}x32" in msg
     assert "Fix:" in msg and "vocab.json" in err.value.fix
 
 
-def test_load_model_rejects_layer_count_mismatch(ckpt_dir: Path, tmp_path: Path) -> None:
+def test_load_pretrained_rejects_layer_count_mismatch(ckpt_dir: Path, tmp_path: Path) -> None:
     bad = _copy_ckpt(ckpt_dir, tmp_path / "bad")
     args = json.loads((bad / "args.json").read_text())
     (bad / "args.json").write_text(json.dumps({**args, "nlayers": 3}))
     with pytest.raises(InputError, match=r"layers\.2\..*is missing"):
-        load_model(bad)
+        load_pretrained(bad)
     (bad / "args.json").write_text(json.dumps({**args, "nlayers": 1}))
     with pytest.raises(InputError, match=r"layers\.1\..*no counterpart"):
-        load_model(bad)
+        load_pretrained(bad)
 
 
 @pytest.mark.parametrize("missing", ["args.json", "vocab.json", "best_model.pt"])
-def test_load_model_rejects_incomplete_folder(ckpt_dir: Path, tmp_path: Path, missing: str) -> None:
+def test_load_pretrained_rejects_incomplete_folder(
+    ckpt_dir: Path, tmp_path: Path, missing: str
+) -> None:
     bad = _copy_ckpt(ckpt_dir, tmp_path / "bad")
     (bad / missing).unlink()
     with pytest.raises(InputError, match="is missing") as err:
-        load_model(bad)
+        load_pretrained(bad)
     assert err.value.path.endswith(missing)
     with pytest.raises(InputError, match="does not exist"):
-        load_model(tmp_path / "nowhere")
+        load_pretrained(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("field", ["embsize", "nlayers", "pad_token"])
-def test_load_model_rejects_args_without_field(ckpt_dir: Path, tmp_path: Path, field: str) -> None:
+def test_load_pretrained_rejects_args_without_field(
+    ckpt_dir: Path, tmp_path: Path, field: str
+) -> None:
     bad = _copy_ckpt(ckpt_dir, tmp_path / "bad")
     args = json.loads((bad / "args.json").read_text())
     del args[field]
     (bad / "args.json").write_text(json.dumps(args))
     with pytest.raises(InputError) as err:
-        load_model(bad)
+        load_pretrained(bad)
     assert err.value.field == field and err.value.path.endswith("args.json")
 
 
 @pytest.mark.parametrize("content", ["list", "garbage", "module"])
-def test_load_model_rejects_non_state_dict(ckpt_dir: Path, tmp_path: Path, content: str) -> None:
+def test_load_pretrained_rejects_non_state_dict(
+    ckpt_dir: Path, tmp_path: Path, content: str
+) -> None:
     bad = _copy_ckpt(ckpt_dir, tmp_path / "bad")
     path = bad / "best_model.pt"
     if content == "list":
@@ -207,18 +214,18 @@ def test_load_model_rejects_non_state_dict(ckpt_dir: Path, tmp_path: Path, conte
     else:
         torch.save(torch.nn.Linear(2, 2), path)  # whole pickled module, not a state dict
     with pytest.raises(InputError) as err:
-        load_model(bad)
+        load_pretrained(bad)
     assert err.value.path.endswith("best_model.pt")
 
 
 def test_save_checkpoint_round_trip(ckpt_dir: Path, tmp_path: Path) -> None:
-    model = load_model(ckpt_dir).eval()
+    model = load_pretrained(ckpt_dir).eval()
     vocab = json.loads((ckpt_dir / "vocab.json").read_text())
     args = json.loads((ckpt_dir / "args.json").read_text())
     save_checkpoint(model, tmp_path / "ft", vocab, args)
     assert json.loads((tmp_path / "ft" / "vocab.json").read_text()) == vocab
     assert tuple(json.loads((tmp_path / "ft" / "args.json").read_text())) == tuple(args)
-    again = load_model(tmp_path / "ft", load_prefixes=None).eval()
+    again = load_finetuned(tmp_path / "ft").eval()
     ids, values, flags = _inputs(model)
     with torch.no_grad():
         assert torch.equal(model(ids, values, flags), again(ids, values, flags))
@@ -226,11 +233,29 @@ def test_save_checkpoint_round_trip(ckpt_dir: Path, tmp_path: Path) -> None:
         save_checkpoint(model, tmp_path / "x", vocab, {**args, "nlayers": 5})
 
 
+def test_pretrained_and_finetuned_folders_cannot_be_swapped(ckpt_dir: Path, tmp_path: Path) -> None:
+    """Loading a trained folder as pretrained would re-initialise its decoder; loading the
+    pretrained checkpoint as finetuned would leave the perturbation encoder random."""
+    model = load_pretrained(ckpt_dir)
+    vocab = json.loads((ckpt_dir / "vocab.json").read_text())
+    save_checkpoint(model, tmp_path / "ft", vocab, json.loads((ckpt_dir / "args.json").read_text()))
+    with pytest.raises(InputError, match="finetuned perturbation model") as err:
+        load_pretrained(tmp_path / "ft")
+    assert err.value.field == "pert_encoder.weight" and "load_finetuned" in err.value.fix
+    with pytest.raises(InputError, match="no counterpart"):
+        load_finetuned(ckpt_dir)  # pretraining-only heads, no perturbation encoder
+    finetuned = load_finetuned(tmp_path / "ft")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), finetuned.state_dict().values(), strict=True)
+    )
+
+
 # --------------------------------------------------------------------------- model
 
 
 def test_forward_padding_and_sdpa(ckpt_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = load_model(ckpt_dir).eval()
+    model = load_pretrained(ckpt_dir).eval()
     ids, values, flags = _inputs(model, batch=2, length=30)
     calls: list[object] = []
     sdpa = F.scaled_dot_product_attention
@@ -263,7 +288,7 @@ def test_forward_padding_and_sdpa(ckpt_dir: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_autocast_bfloat16(ckpt_dir: Path) -> None:
-    model = load_model(ckpt_dir).eval()
+    model = load_pretrained(ckpt_dir).eval()
     ids, values, flags = _inputs(model)
     with torch.no_grad():
         ref = model(ids, values, flags)
@@ -275,7 +300,7 @@ def test_autocast_bfloat16(ckpt_dir: Path) -> None:
 
 def test_training_step_reduces_loss(ckpt_dir: Path) -> None:
     torch.manual_seed(0)
-    model = load_model(ckpt_dir, dropout=0.1).train()
+    model = load_pretrained(ckpt_dir, dropout=0.1).train()
     ids, values, flags = _inputs(model)
     target = values + 0.5 * flags
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -346,7 +371,7 @@ def test_state_dict_interchange_with_upstream(
     upstream: types.SimpleNamespace, ckpt_dir: Path, tmp_path: Path
 ) -> None:
     vocab = json.loads((ckpt_dir / "vocab.json").read_text())
-    ours = load_model(ckpt_dir)
+    ours = load_pretrained(ckpt_dir)
     theirs = _upstream_generator(upstream, ours, vocab)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     # our saved best_model.pt loads into upstream strictly ...
@@ -380,7 +405,7 @@ def test_random_checkpoint_keys_match_pretraining_model(
 
 def test_forward_parity_with_upstream(upstream: types.SimpleNamespace, ckpt_dir: Path) -> None:
     vocab = json.loads((ckpt_dir / "vocab.json").read_text())
-    ours = load_model(ckpt_dir)
+    ours = load_pretrained(ckpt_dir)
     # all of ours, including the freshly initialised pert embedding and decoder
     theirs = _upstream_generator(upstream, ours, vocab)
     theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -408,7 +433,7 @@ def test_training_step_parity_with_upstream(
     upstream: types.SimpleNamespace, ckpt_dir: Path
 ) -> None:
     vocab = json.loads((ckpt_dir / "vocab.json").read_text())
-    ours = load_model(ckpt_dir, dropout=0.0)
+    ours = load_pretrained(ckpt_dir, dropout=0.0)
     theirs = _upstream_generator(upstream, ours, vocab)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     ours.train()

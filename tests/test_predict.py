@@ -15,7 +15,7 @@ from cell_eval._baseline import _build_pert_baseline
 
 from scgpt_vcc.data.de import compute_de
 from scgpt_vcc.data.pairing import read_pairing, write_pairing
-from scgpt_vcc.model import load_model, save_checkpoint, write_random_checkpoint
+from scgpt_vcc.model import load_pretrained, save_checkpoint, write_random_checkpoint
 from scgpt_vcc.model.checkpoint import read_args, read_vocab
 from scgpt_vcc.predict.baselines import (
     condition_means,
@@ -118,7 +118,7 @@ def heldout(converted_path: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     write_random_checkpoint(
         out / "pretrained", genes, vocab_fraction=0.9, embsize=16, nlayers=1, nheads=2, d_hid=16
     )
-    model = load_model(out / "pretrained")
+    model = load_pretrained(out / "pretrained")
     vocab = read_vocab(out / "pretrained" / "vocab.json")
     save_checkpoint(model, out / "finetuned", vocab, read_args(out / "pretrained" / "args.json"))
     return {
@@ -337,7 +337,7 @@ def test_scgpt_perturbation_embedding_projects_the_checkpoint_rows(heldout: dict
     table = scgpt_perturbation_embedding(heldout["pretrained"], data.genes, 4)
     vocab = read_vocab(heldout["pretrained"] / "vocab.json")
     assert set(table) == {g for g in data.genes if g in vocab}
-    rows = load_model(heldout["pretrained"]).encoder.embedding.weight.detach().double().numpy()
+    rows = load_pretrained(heldout["pretrained"]).encoder.embedding.weight.detach().double().numpy()
     names = sorted(table)
     embedded = rows[[vocab[g] for g in names]]
     projected = np.array([table[g] for g in names])

@@ -26,7 +26,7 @@ from scgpt_vcc.data.pairing import write_pairing
 from scgpt_vcc.data.qc import qc_report
 from scgpt_vcc.data.splits import build_split
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.model.checkpoint import load_model, read_vocab, write_random_checkpoint
+from scgpt_vcc.model.checkpoint import load_pretrained, read_vocab, write_random_checkpoint
 from scgpt_vcc.model.device import precision_name
 from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.submission import read_counts
@@ -216,7 +216,7 @@ def test_checkpoint_problems_name_file_and_field(ckpt: Path, tmp_path: Path, cas
     else:
         change(bad / changed)
     with pytest.raises(InputError) as err:
-        load_model(bad)
+        load_pretrained(bad)
     assert Path(err.value.path).name == named and "Fix:" in str(err.value)
     assert err.value.field == field and phrase in str(err.value)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import anndata as ad
 import pytest
 
-from tests.conftest import SNAKEMAKE, run_snakemake, write_tiny_config
+from tests.conftest import SNAKEMAKE, copy_workflow, run_snakemake, write_tiny_config
 
 OUTPUT = "results/gears/demo/converted.h5ad"
 
@@ -104,3 +104,19 @@ def test_job_killed_while_writing_leaves_nothing_complete_and_rerun_recovers(
     assert _left_behind(workflow_dir) == ["converted.h5ad"]  # stale temporaries removed
     assert ad.read_h5ad(workflow_dir / OUTPUT).shape == (600, 300)
     assert not list(markers.iterdir())
+
+
+def test_a_job_without_the_cli_on_path_says_what_to_do(tmp_path: Path) -> None:
+    """``.venv/bin/snakemake`` run without activating the environment: the first job stops
+    with the fix instead of a bare exit 127."""
+    workdir = copy_workflow(tmp_path)
+    config = write_tiny_config(workdir)
+    bare = {**os.environ, "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [SNAKEMAKE, "--cores", "1", "--configfile", config],
+        cwd=workdir, env=bare, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "scgpt-vcc is not on PATH: activate the environment first" in output
+    assert "source .venv/bin/activate" in output

@@ -9,12 +9,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scgpt_vcc.data.gears import condition_of, perturbed_genes
 from scgpt_vcc.train.batches import (
     CsrRowReader,
     EvalBatches,
     StepPlan,
     TrainSteps,
-    perturbed_genes,
     sample_genes,
 )
 from tests.train_support import train_cells, train_inputs  # noqa: F401
@@ -25,6 +25,8 @@ def test_perturbed_genes_from_condition_names():
     assert perturbed_genes("TP53+ctrl") == ["TP53"]
     assert perturbed_genes("ctrl+TP53") == ["TP53"]
     assert perturbed_genes("A+B") == ["A", "B"]
+    assert condition_of("TP53") == "TP53+ctrl" and condition_of("A+B") == "A+B"
+    assert all(perturbed_genes(condition_of(g)) == [g] for g in ("TP53", "MYC"))
 
 
 def test_row_reader_matches_dense_matrix(train_inputs):

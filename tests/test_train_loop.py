@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.model.checkpoint import DEFAULT_LOAD_PREFIXES, load_model, read_state_dict
+from scgpt_vcc.model.checkpoint import DEFAULT_LOAD_PREFIXES, load_finetuned, read_state_dict
 from scgpt_vcc.model.transformer import TransformerGenerator
 from scgpt_vcc.train.config import LOAD_PREFIXES, TrainConfig
 from scgpt_vcc.train.loop import finetune, fit_micro_batch, resolve_precision
@@ -79,7 +79,7 @@ def test_finetune_lowers_training_loss_and_writes_loadable_outputs(train_inputs,
     assert "batch_size 16, accumulation 2, effective batch 32" in log
     assert "device cpu" in log and "selection on val_pearson_delta" in log
 
-    model = load_model(out, load_prefixes=None)
+    model = load_finetuned(out)
     best = metrics.loc[metrics["best"], "epoch"].iloc[-1]
     assert best == metrics["val_pearson_delta"].idxmax() + 1
     saved = read_state_dict(out / "best_model.pt")

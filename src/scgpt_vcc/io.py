@@ -15,7 +15,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
@@ -60,13 +59,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def write_h5ad_atomic(adata: ad.AnnData, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+def write_json_atomic(path: str | Path, obj: Any, *, sort_keys: bool = True) -> None:
+    """Indented JSON (numpy scalars and arrays, paths as plain values), written atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_default)
+    write_text_atomic(path, text + "\n")
 
 
 def _json_default(obj: Any) -> Any:
@@ -128,13 +124,6 @@ def read_annotations(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def read_uns(path: str | Path) -> dict[str, Any]:
     with open_h5ad(path) as f:
         return read_elem(f["uns"]) if "uns" in f else {}
-
-
-def matrix_shape(path: str | Path, key: str = "X") -> tuple[int, int]:
-    with open_h5ad(path) as f:
-        node = f[key]
-        shape = node.attrs["shape"] if isinstance(node, h5py.Group) else node.shape
-        return int(shape[0]), int(shape[1])
 
 
 def _check_row_pointers(group: h5py.Group, n_rows: int, path: str | Path, key: str) -> None:

@@ -49,13 +49,13 @@ import pandas as pd
 from scipy.optimize import brentq
 from scipy.stats import norm
 
+from scgpt_vcc.data.gears import read_split
 from scgpt_vcc.data.genes import read_gene_list
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import write_json_atomic
 from scgpt_vcc.predict.cells import ExpressionData, Group, sample_controls, write_cells
 from scgpt_vcc.predict.population import CellModel
 from scgpt_vcc.predict.run import PredictSettings, build_model, reference_for
-from scgpt_vcc.train.batches import read_split
 
 log = logging.getLogger(__name__)
 

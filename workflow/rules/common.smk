@@ -7,6 +7,14 @@ from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+# Every job runs the package's CLI; without it on PATH a job would die with exit 127 and
+# no word of why.
+shell.prefix(
+    "set -euo pipefail; command -v scgpt-vcc >/dev/null || {{ echo 'scgpt-vcc is not on PATH:"
+    " activate the environment first (source .venv/bin/activate; make demo does it), or run"
+    " with --sdm conda' >&2; exit 127; }}; "
+)
+
 DATASET = config["dataset"]
 SYNTHETIC = config["synthetic"]["enabled"]
 PRETRAINED_FILES = ("args.json", "vocab.json", "best_model.pt")

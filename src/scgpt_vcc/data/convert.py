@@ -27,12 +27,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scgpt_vcc.data.gears import CONTROL
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import H5adStreamWriter, atomic_path, iter_row_chunks, read_annotations
 
 log = logging.getLogger(__name__)
-
-GEARS_CONTROL = "ctrl"
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class ConversionSummary:
 def gears_conditions(targets: pd.Series, control_label: str) -> pd.Categorical:
     """``GENE`` -> ``GENE+ctrl``, control label -> ``ctrl``."""
     values = targets.astype(str)
-    conditions = np.where(values == control_label, GEARS_CONTROL, values + "+ctrl")
+    conditions = np.where(values == control_label, CONTROL, values + f"+{CONTROL}")
     return pd.Categorical(conditions)
 
 
@@ -266,7 +265,7 @@ def convert_to_gears(
     summary = ConversionSummary(
         n_cells=len(obs),
         n_genes=len(var),
-        n_control_cells=int((obs["condition"] == GEARS_CONTROL).sum()),
+        n_control_cells=int((obs["condition"] == CONTROL).sum()),
         n_perturbations=int(obs["condition"].nunique() - 1),
         target_sum=float(target_sum),
         median_total_counts=median_total,

@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 from anndata.io import read_elem, write_elem
 
+from scgpt_vcc.data.gears import CONTROL
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import atomic_path, iter_row_chunks, open_h5ad, read_annotations
 
 log = logging.getLogger(__name__)
 
-CONTROL = "ctrl"
 N_TOP_DE = 20
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from scgpt_vcc.data.gears import CONTROL, gene_symbols, perturbed_genes
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import atomic_path, read_annotations, write_json_atomic
 
@@ -58,7 +59,7 @@ def _load_pickle(path: Path) -> Any:
 
 def condition_genes(conditions: Iterable[str]) -> list[str]:
     """Genes named by perturbation conditions ('A+ctrl', 'A+B'), sorted, 'ctrl' left out."""
-    genes = {g for c in conditions for g in str(c).split("+") if g != "ctrl"}
+    genes = {g for c in conditions for g in perturbed_genes(c)}
     return sorted(genes)
 
 
@@ -84,9 +85,9 @@ def fallback_perturbation_genes(measured: Iterable[str], conditions: Iterable[st
 
 def drop_reason(condition: str, pert_names: set[str]) -> str | None:
     """Why GEARS's ``filter_pert_in_go`` drops ``condition``, or None if it keeps it."""
-    if condition == "ctrl":
+    if condition == CONTROL:
         return None
-    missing = [g for g in condition.split("+") if g != "ctrl" and g not in pert_names]
+    missing = [g for g in perturbed_genes(condition) if g not in pert_names]
     if not missing:
         return None
     return f"{', '.join(missing)} not in GEARS's perturbation-gene list (GO-annotated gene set)"
@@ -98,7 +99,7 @@ def go_filter_report(
     """Write ``go_filter.json``: the perturbation-gene list, kept and dropped conditions."""
     obs, var = read_annotations(processed)
     conditions = list(pd.unique(obs["condition"].astype(str)))
-    measured = var["gene_name"].astype(str) if "gene_name" in var else var.index.astype(str)
+    measured = gene_symbols(var)
     gene2go = Path(gears_dir) / GENE2GO if gears_dir else None
     applied = gene2go is not None and gene2go.exists()
     if applied:

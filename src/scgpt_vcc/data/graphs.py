@@ -26,12 +26,12 @@ import torch
 from torch_geometric.data import Data
 from tqdm.auto import tqdm
 
+from scgpt_vcc.data.gears import CONTROL, perturbed_genes
 from scgpt_vcc.data.pairing import read_pairing
 from scgpt_vcc.io import atomic_path, open_h5ad, read_annotations
 
 log = logging.getLogger(__name__)
 
-CONTROL = "ctrl"
 N_DE = 20
 DE_KEY = "rank_genes_groups_cov_all"
 # Protocol 3 memoises with explicit indices (no FRAME/MEMOIZE opcodes), so separately
@@ -92,7 +92,7 @@ class CellGraphBuilder:
                 continue
             name = str(names[cond])
             self._de_idx[cond] = np.where(var.index.isin(top[name]))[0] if top else [-1]
-            genes = [g for g in cond.split("+") if g != CONTROL]
+            genes = perturbed_genes(cond)
             idx = [np.int64(pert_pos[g]) for g in genes if g in pert_pos]
             self._pert_idx[cond] = idx if len(idx) == len(genes) else [-1]
         self._reader = RowReader(processed)

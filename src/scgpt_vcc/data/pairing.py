@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scgpt_vcc.data.gears import CONTROL
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import atomic_path, read_annotations
-
-CONTROL = "ctrl"
 
 
 def draw_control_rows(condition: pd.Series, seed: int) -> np.ndarray:

@@ -25,7 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scgpt_vcc.data.de import CONTROL, load_stats  # noqa: E402
+from scgpt_vcc.data.de import load_stats  # noqa: E402
+from scgpt_vcc.data.gears import CONTROL  # noqa: E402
 from scgpt_vcc.errors import InputError  # noqa: E402
 from scgpt_vcc.io import atomic_path, write_json_atomic  # noqa: E402
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 
+from scgpt_vcc.data.gears import CONTROL
 from scgpt_vcc.data.go import read_go_filter
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import atomic_path, read_annotations
@@ -94,7 +95,7 @@ def drop_small_perturbations(obs: pd.DataFrame, min_cells: int) -> pd.DataFrame:
     """``obs`` without the cells of perturbations that have fewer than ``min_cells`` cells."""
     condition = obs["condition"].astype(str)
     counts = condition.value_counts()
-    small = sorted(c for c, n in counts.items() if c != "ctrl" and n < min_cells)
+    small = sorted(c for c, n in counts.items() if c != CONTROL and n < min_cells)
     if small:
         log.warning(
             "%d perturbations have fewer than %d cells and are left out of the split "

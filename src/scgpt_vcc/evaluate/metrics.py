@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from anndata.io import read_elem
 
+from scgpt_vcc.data.gears import condition_of
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.evaluate.means import GroupMeans
 from scgpt_vcc.io import open_h5ad
@@ -56,11 +57,6 @@ def perturbation_metrics(
         "mse": mse(truth, pred),
         "mse_de": mse(truth[de_idx], pred[de_idx]),
     }
-
-
-def condition_of(target: str) -> str:
-    """GEARS condition of a target gene: ``GENE`` -> ``GENE+ctrl`` (combinations unchanged)."""
-    return target if "+" in target else f"{target}+ctrl"
 
 
 def read_de_genes(

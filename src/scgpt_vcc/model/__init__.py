@@ -1,13 +1,19 @@
 """scGPT perturbation model (own implementation of scgpt's TransformerGenerator) and I/O."""
 
-from scgpt_vcc.model.checkpoint import load_model, save_checkpoint, write_random_checkpoint
+from scgpt_vcc.model.checkpoint import (
+    load_finetuned,
+    load_pretrained,
+    save_checkpoint,
+    write_random_checkpoint,
+)
 from scgpt_vcc.model.transformer import TransformerGenerator
 from scgpt_vcc.model.vocab import VocabMatch, match_genes
 
 __all__ = [
     "TransformerGenerator",
     "VocabMatch",
-    "load_model",
+    "load_finetuned",
+    "load_pretrained",
     "match_genes",
     "save_checkpoint",
     "write_random_checkpoint",

@@ -1,6 +1,6 @@
 """Read and write scGPT checkpoint folders (``args.json``, ``vocab.json``, ``best_model.pt``).
 
-Whole-human checkpoint format (what :func:`load_model` reads and
+Whole-human checkpoint format (what :func:`load_pretrained` reads and
 :func:`write_random_checkpoint` imitates):
 
 * ``args.json``: the pretraining run's settings; only the model-size fields
@@ -17,10 +17,13 @@ Whole-human checkpoint format (what :func:`load_model` reads and
   missing/unexpected keys users report when loading it into scgpt's models (scGPT issues
   #78, #123, #173; RCHENLAB/scGPT_fineTune_protocol#2).
 
-:func:`load_model` follows the perturbation tutorial: build a ``TransformerGenerator`` of
-the size in ``args.json``, rename ``Wqkv.`` to ``in_proj_``, copy only parameters under
+:func:`load_pretrained` follows the perturbation tutorial: build a ``TransformerGenerator``
+of the size in ``args.json``, rename ``Wqkv.`` to ``in_proj_``, copy only parameters under
 ``load_prefixes`` (by default the gene encoder, value encoder and transformer) and leave
 the rest (perturbation embedding, affine decoder, cls head) at their fresh initialisation.
+:func:`load_finetuned` reads a trained folder (:func:`save_checkpoint`'s) whole. The two
+cannot be swapped silently: a finetuned folder given to ``load_pretrained`` and a
+pretrained one given to ``load_finetuned`` are both refused.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.io import atomic_path
+from scgpt_vcc.io import atomic_path, write_json_atomic
 from scgpt_vcc.model.transformer import ExprDecoder, TransformerGenerator
 from scgpt_vcc.model.vocab import PAD_TOKEN, SPECIAL_TOKENS
 
@@ -50,7 +53,8 @@ __all__ = [
     "MODEL_SIZE_KEYS",
     "SCGPT_HUMAN_ARGS_KEYS",
     "VOCAB_FILE",
-    "load_model",
+    "load_finetuned",
+    "load_pretrained",
     "read_args",
     "read_state_dict",
     "read_vocab",
@@ -267,37 +271,88 @@ def _shape(t: Tensor) -> str:
     return "x".join(map(str, t.shape)) or "scalar"
 
 
-def load_model(
+# Only a perturbation model has it: the pretrained whole-human checkpoint does not.
+FINETUNED_MARKER = "pert_encoder.weight"
+
+
+def load_pretrained(
     checkpoint_dir: str | Path,
     *,
-    load_prefixes: Sequence[str] | None = DEFAULT_LOAD_PREFIXES,
+    load_prefixes: Sequence[str] = DEFAULT_LOAD_PREFIXES,
     device: str | torch.device = "cpu",
     dropout: float = 0.0,
     pert_pad_id: int = 0,
 ) -> TransformerGenerator:
-    """Build a :class:`TransformerGenerator` from a checkpoint folder.
+    """A perturbation model started from a pretrained scGPT checkpoint (what finetuning does).
 
     Args:
-        checkpoint_dir: folder with ``args.json``, ``vocab.json`` and ``best_model.pt``.
-        load_prefixes: module prefixes whose parameters are copied from the checkpoint;
-            every other parameter keeps its fresh initialisation. ``None`` loads every
-            parameter and requires the checkpoint to cover the whole model (use it for
-            folders written by :func:`save_checkpoint`).
+        checkpoint_dir: the pretrained folder (``args.json``, ``vocab.json``,
+            ``best_model.pt``), e.g. the whole-human model.
+        load_prefixes: module prefixes copied from the checkpoint (the tutorial's: encoder,
+            value_encoder, transformer_encoder); every other parameter, the perturbation
+            encoder and the decoder among them, starts from its fresh initialisation. Empty:
+            nothing is loaded (training from scratch).
         device: where the model is placed.
         dropout: finetuning dropout. ``args.json``'s ``dropout`` is the pretraining value and
             is ignored, as in the tutorial (which finetunes with 0).
         pert_pad_id: perturbation flag with a fixed zero embedding (see the model).
 
     Raises:
-        InputError: incomplete folder, unreadable or malformed files, or checkpoint
-            parameters that do not fit the model described by ``args.json``/``vocab.json``.
+        InputError: incomplete folder, unreadable or malformed files, checkpoint parameters
+            that do not fit the model described by ``args.json``/``vocab.json``, or a
+            finetuned folder (its decoder would be silently re-initialised: use
+            :func:`load_finetuned`).
     """
+    folder, args, vocab, state = _read_folder(checkpoint_dir)
+    if FINETUNED_MARKER in state:
+        raise InputError(
+            folder / MODEL_FILE,
+            FINETUNED_MARKER,
+            "belongs to a finetuned perturbation model, not a pretrained checkpoint; loading "
+            "only its encoder would re-initialise its decoder",
+            "load a trained folder with load_finetuned (every parameter), or give the "
+            "pretrained scGPT folder",
+        )
+    return _build(folder, args, vocab, state, tuple(load_prefixes), device, dropout, pert_pad_id)
+
+
+def load_finetuned(
+    model_dir: str | Path, *, device: str | torch.device = "cpu", pert_pad_id: int = 0
+) -> TransformerGenerator:
+    """A trained perturbation model (``finetune``'s output folder), every parameter loaded.
+
+    Raises:
+        InputError: as :func:`load_pretrained`, and when ``best_model.pt`` does not cover the
+            whole model (e.g. a pretrained checkpoint: use :func:`load_pretrained`).
+    """
+    folder, args, vocab, state = _read_folder(model_dir)
+    return _build(folder, args, vocab, state, None, device, 0.0, pert_pad_id)
+
+
+def _read_folder(
+    checkpoint_dir: str | Path,
+) -> tuple[Path, dict[str, Any], dict[str, int], dict[str, Tensor]]:
     folder = Path(checkpoint_dir)
     _check_folder(folder)
     args = read_args(folder / ARGS_FILE)
     vocab = read_vocab(folder / VOCAB_FILE, args["pad_token"])
+    state = _to_torch_names(read_state_dict(folder / MODEL_FILE))
+    return folder, args, vocab, state
+
+
+def _build(
+    folder: Path,
+    args: dict[str, Any],
+    vocab: dict[str, int],
+    state: dict[str, Tensor],
+    load_prefixes: tuple[str, ...] | None,
+    device: str | torch.device,
+    dropout: float,
+    pert_pad_id: int,
+) -> TransformerGenerator:
+    """The model of ``args``/``vocab`` with the ``load_prefixes`` part of ``state`` (None: all,
+    which must then cover the whole model)."""
     model_path = folder / MODEL_FILE
-    state = _to_torch_names(read_state_dict(model_path))
 
     model = TransformerGenerator(
         len(vocab),
@@ -388,19 +443,6 @@ def _save_state_dict(state: Mapping[str, Tensor], path: Path) -> None:
         torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, tmp)
 
 
-def _json_value(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _write_json(obj: Any, path: Path, sort_keys: bool) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_value) + "\n")
-
-
 def save_checkpoint(
     model: TransformerGenerator,
     out_dir: str | Path,
@@ -411,7 +453,7 @@ def save_checkpoint(
 
     ``best_model.pt`` holds the model's state dict with torch attention names, so it loads
     into scgpt's ``TransformerGenerator`` with ``strict=True`` and back through
-    :func:`load_model` (``load_prefixes=None`` for all parameters). The model-size fields
+    :func:`load_finetuned`. The model-size fields
     of ``args`` are set from the model; a conflicting value raises ``ValueError``.
     Each file is written atomically; ``best_model.pt`` is written first.
     """
@@ -436,8 +478,8 @@ def save_checkpoint(
         )
     full_args = {**dict(args), **sizes, "pad_token": pad_token}
     _save_state_dict(model.state_dict(), out / MODEL_FILE)
-    _write_json(dict(vocab), out / VOCAB_FILE, sort_keys=False)
-    _write_json(full_args, out / ARGS_FILE, sort_keys=False)
+    write_json_atomic(out / VOCAB_FILE, dict(vocab), sort_keys=False)
+    write_json_atomic(out / ARGS_FILE, full_args, sort_keys=False)
 
 
 def _pretraining_state_dict(
@@ -533,8 +575,8 @@ def write_random_checkpoint(
         )
     out = Path(out_dir)
     _save_state_dict(state, out / MODEL_FILE)
-    _write_json(vocab, out / VOCAB_FILE, sort_keys=False)
-    _write_json(args, out / ARGS_FILE, sort_keys=False)
+    write_json_atomic(out / VOCAB_FILE, vocab, sort_keys=False)
+    write_json_atomic(out / ARGS_FILE, args, sort_keys=False)
     log.info(
         "wrote random checkpoint %s: %d vocab entries (%d of %d data genes), %d tensors",
         out,

@@ -48,10 +48,10 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from scgpt_vcc.data.gears import CONTROL, perturbed_genes
 from scgpt_vcc.io import iter_row_chunks
 from scgpt_vcc.predict.cells import ExpressionData
 from scgpt_vcc.predict.population import ControlReference, PopulationMean
-from scgpt_vcc.train.batches import CONTROL_CONDITION, perturbed_genes
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def condition_means(
 
 def training_perturbations(train: Sequence[str]) -> list[str]:
     """Training conditions that perturb something (control left out)."""
-    return [c for c in dict.fromkeys(train) if c != CONTROL_CONDITION]
+    return [c for c in dict.fromkeys(train) if c != CONTROL]
 
 
 @dataclass(frozen=True)
@@ -177,10 +177,7 @@ def fit_linear(
     changes = expression - control_mean[:, None]
     center = changes.mean(axis=1)
     pert = np.column_stack(
-        [
-            embed(perturbation_embedding, perturbed_genes(c))
-            for c in [*conditions, CONTROL_CONDITION]
-        ]
+        [embed(perturbation_embedding, perturbed_genes(c)) for c in [*conditions, CONTROL]]
     )  # K_p x (C + 1); the control's embedding is 0
     k_p = pert.shape[0]
     left = np.linalg.solve(
@@ -235,7 +232,7 @@ def fit_baseline(
     if model_type == "control":
         return control_model()
     perturbations = training_perturbations(train_conditions)
-    means = condition_means(data, [*perturbations, CONTROL_CONDITION])
+    means = condition_means(data, [*perturbations, CONTROL])
     if model_type == "train_mean":
         return ConstantModel(train_mean_vector(means))
     embedding = None

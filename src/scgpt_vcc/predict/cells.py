@@ -36,6 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from scgpt_vcc.data.gears import CONTROL, gene_symbols, perturbed_genes
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import H5adStreamWriter, atomic_path, read_annotations, read_uns
 from scgpt_vcc.predict.population import (
@@ -46,7 +47,7 @@ from scgpt_vcc.predict.population import (
     population_means,
     row_batches,
 )
-from scgpt_vcc.train.batches import CONTROL_CONDITION, CsrRowReader, perturbed_genes
+from scgpt_vcc.train.batches import CsrRowReader
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,7 @@ class ExpressionData:
         obs, var = read_annotations(self.path)
         if "condition" not in obs:
             raise InputError(self.path, "obs.condition", "is missing", "run convert-to-gears")
-        genes = var["gene_name"] if "gene_name" in var else var.index
-        self.genes: list[str] = [str(g) for g in genes]
+        self.genes: list[str] = list(gene_symbols(var))
         self.var = pd.DataFrame({"gene_name": self.genes}, index=pd.Index(self.genes))
         if "gene_id" in var:
             self.var["gene_id"] = var["gene_id"].astype(str).to_numpy()
@@ -78,7 +78,7 @@ class ExpressionData:
 
     @property
     def control_rows(self) -> np.ndarray:
-        return np.flatnonzero(self.condition == CONTROL_CONDITION)
+        return np.flatnonzero(self.condition == CONTROL)
 
     def rows_of(self, condition: str) -> np.ndarray:
         return np.flatnonzero(self.condition == condition)
@@ -120,7 +120,7 @@ def heldout_groups(
     controls = data.control_rows
     groups = []
     for condition in conditions:
-        if condition == CONTROL_CONDITION:
+        if condition == CONTROL:
             continue
         real = data.rows_of(condition)
         if real.size == 0:
@@ -149,7 +149,7 @@ def _obs(
         pd.DataFrame(
             {
                 "target_gene": data.control_label,
-                "condition": CONTROL_CONDITION,
+                "condition": CONTROL,
                 "input_row": control_rows,
             },
             index=data.obs_names[control_rows],

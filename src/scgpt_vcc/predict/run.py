@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scgpt_vcc.data.gears import read_split
 from scgpt_vcc.data.pairing import read_pairing
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.predict import MODEL_TYPES, SCGPT_MODEL_TYPES
@@ -25,7 +26,6 @@ from scgpt_vcc.predict.cells import (
 )
 from scgpt_vcc.predict.population import CellModel, ControlReference, control_reference
 from scgpt_vcc.predict.scgpt import DEFAULT_CHUNK_SIZE, load_predictor
-from scgpt_vcc.train.batches import read_split
 
 log = logging.getLogger(__name__)
 

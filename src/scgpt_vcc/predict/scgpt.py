@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scgpt_vcc.model import TransformerGenerator, load_model, match_genes
+from scgpt_vcc.model import TransformerGenerator, load_finetuned, match_genes
 from scgpt_vcc.model.checkpoint import ARGS_FILE, VOCAB_FILE, read_args, read_vocab
 from scgpt_vcc.model.device import autocast_dtype, pick_device, precision_name
 from scgpt_vcc.predict.population import ControlReference, PopulationMean
@@ -214,7 +214,7 @@ def load_predictor(
 ) -> ScGPTPredictor:
     """Predictor from a trained folder (``finetune``'s output: every parameter is loaded)."""
     folder = Path(model_dir)
-    model = load_model(folder, load_prefixes=None, device=pick_device(device))
+    model = load_finetuned(folder, device=pick_device(device))
     vocab = read_vocab(folder / VOCAB_FILE, read_args(folder / ARGS_FILE)["pad_token"])
     predictor = ScGPTPredictor(
         model, vocab, genes, chunk_size=chunk_size, seed=seed, precision=precision

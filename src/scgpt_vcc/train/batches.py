@@ -24,7 +24,6 @@ accumulation and a multi-process run see exactly the same data at every optimise
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,40 +33,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from scgpt_vcc.data.gears import gene_symbols, perturbed_genes
 from scgpt_vcc.data.pairing import read_pairing
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import open_h5ad, read_annotations
 from scgpt_vcc.model.vocab import VocabMatch
 
 log = logging.getLogger(__name__)
-
-CONTROL_CONDITION = "ctrl"
-
-
-def perturbed_genes(condition: str) -> list[str]:
-    """Gene names perturbed in a GEARS condition: ``"A+ctrl"`` -> [A], ``"A+B"`` -> [A, B]."""
-    return [g for g in str(condition).split("+") if g and g != CONTROL_CONDITION]
-
-
-def read_split(path: str | Path | None) -> dict[str, list[str]]:
-    """Read a GEARS split pickle (``{'train': [...], 'val': [...], 'test': [...]}``).
-
-    ``None`` means "no split": every condition trains. Missing ``val``/``test`` keys are
-    returned as empty lists (the original scGPT setup trains without a validation set).
-    """
-    if path is None:
-        return {"train": [], "val": [], "test": []}
-    path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            split = pickle.load(fh)
-    except (OSError, pickle.UnpicklingError, EOFError) as err:
-        raise InputError(path, "file", f"cannot be read ({err})", "rebuild the split") from err
-    if not isinstance(split, dict) or "train" not in split:
-        raise InputError(
-            path, "train", "is missing", "write a dict with 'train', 'val', 'test' lists"
-        )
-    return {key: [str(c) for c in (split.get(key) or [])] for key in ("train", "val", "test")}
 
 
 @dataclass
@@ -174,7 +146,7 @@ class PerturbationCells:
         obs, var = read_annotations(self.path)
         if "condition" not in obs:
             raise InputError(self.path, "obs.condition", "is missing", "run compute-de first")
-        genes = var["gene_name"].astype(str) if "gene_name" in var else var.index.astype(str)
+        genes = gene_symbols(var)
         if tuple(genes) != match.genes:
             raise ValueError("the vocabulary match was made for another gene list")
         self.match = match

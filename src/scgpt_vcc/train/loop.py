@@ -43,12 +43,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from scgpt_vcc.data.gears import CONTROL, gene_symbols, read_split
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import atomic_path, read_annotations
 from scgpt_vcc.model.checkpoint import (
     ARGS_FILE,
     VOCAB_FILE,
-    load_model,
+    load_pretrained,
     read_args,
     read_vocab,
     save_checkpoint,
@@ -57,13 +58,11 @@ from scgpt_vcc.model.device import autocast_dtype, enable_tf32, precision_name
 from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.train import ddp
 from scgpt_vcc.train.batches import (
-    CONTROL_CONDITION,
     Batch,
     EvalBatches,
     PerturbationCells,
     StepPlan,
     TrainSteps,
-    read_split,
 )
 from scgpt_vcc.train.config import TrainConfig
 
@@ -425,7 +424,7 @@ class Trainer:
 
     def control_mean(self) -> torch.Tensor:
         if self._ctrl_mean is None:
-            rows = self.cells.rows_of([CONTROL_CONDITION])
+            rows = self.cells.rows_of([CONTROL])
             total = torch.zeros(self.cells.n_input_genes, dtype=torch.float64)
             genes = np.arange(self.cells.n_input_genes)
             for start in range(0, len(rows), 1024):
@@ -664,7 +663,7 @@ def finetune(
         pairing: ``pairing_seed{N}.npz`` with the control row paired to each cell.
         checkpoint_dir: pretrained scGPT folder (args.json, vocab.json, best_model.pt).
         outdir: receives best_model.pt, args.json, vocab.json (loadable with
-            :func:`scgpt_vcc.model.load_model` and ``load_prefixes=None``), run.log,
+            :func:`scgpt_vcc.model.load_finetuned`), run.log,
             metrics.csv, steps.csv, loss_curve.png.
         cfg: training settings.
         split: GEARS split pickle; its 'train' conditions train and its 'val' conditions
@@ -696,7 +695,7 @@ def _finetune(
     pretrained_args = read_args(checkpoint_dir / ARGS_FILE)
     vocab = read_vocab(checkpoint_dir / VOCAB_FILE, pretrained_args["pad_token"])
     _, var = read_annotations(data)
-    genes = var["gene_name"].astype(str) if "gene_name" in var else var.index.astype(str)
+    genes = gene_symbols(var)
     cells = PerturbationCells(data, pairing, match_genes(list(genes), vocab))
     split = read_split(split_path)
     if split_path is not None and not split["train"]:
@@ -723,7 +722,7 @@ def _finetune(
     )
 
     torch.manual_seed(cfg.seed)
-    model = load_model(
+    model = load_pretrained(
         checkpoint_dir, load_prefixes=cfg.load_prefixes, device=ctx.device, dropout=cfg.dropout
     )
     # The cls head is kept for checkpoint compatibility but never used by this objective.
