@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scgpt_vcc.data.gears import condition_of, perturbed_genes
+from scgpt_vcc.io import CsrRowReader
 from scgpt_vcc.train.batches import (
-    CsrRowReader,
     EvalBatches,
     StepPlan,
     TrainSteps,
@@ -36,8 +36,14 @@ def test_row_reader_matches_dense_matrix(train_inputs):
     rows[:5] = rows[5]  # repeats and runs of consecutive rows
     rows[10:15] = np.arange(100, 105)
     columns = rng.permutation(x.shape[1])[:37]
-    got = CsrRowReader(train_inputs["data"]).read_dense(rows, columns)
-    np.testing.assert_array_equal(got, x[np.ix_(rows, columns)])
+    reader = CsrRowReader(train_inputs["data"])
+    np.testing.assert_array_equal(reader.read_dense(rows, columns), x[np.ix_(rows, columns)])
+    np.testing.assert_array_equal(reader.read_dense(rows), x[rows])
+    csr = reader.read_csr(rows)
+    assert csr.dtype == ad.read_h5ad(train_inputs["data"]).X.dtype
+    np.testing.assert_array_equal(csr.toarray(), x[rows])
+    assert reader.read_csr(np.array([], dtype=int)).shape == (0, x.shape[1])
+    reader.close()
 
 
 @settings(max_examples=200, deadline=None)

@@ -180,6 +180,87 @@ def iter_row_chunks(
                 bar.update(stop - start)
 
 
+class CsrRowReader:
+    """Rows of a CSR matrix of an h5ad file (``X`` or ``layers/<name>``), without loading it.
+
+    The one row reader of the package (training batches, predictions, cell graphs,
+    evaluation subsets). Only ``indptr`` (8 bytes per cell) stays in memory and is checked
+    on opening. Rows are read as contiguous runs, so consecutive rows cost one HDF5 read.
+    The file is opened on first use, so a reader can be sent to DataLoader workers.
+    """
+
+    def __init__(self, path: str | Path, key: str = "X") -> None:
+        self.path = Path(path)
+        self.key = key
+        with open_h5ad(self.path) as f:
+            node = f.get(key)
+            if not isinstance(node, h5py.Group) or node.attrs.get("encoding-type") != "csr_matrix":
+                raise InputError(
+                    self.path, key, "is not a CSR sparse matrix", "write X as scipy CSR"
+                )
+            self.shape = tuple(int(n) for n in node.attrs["shape"])
+            _check_row_pointers(node, self.shape[0], self.path, key)
+            self.indptr = node["indptr"][:].astype(np.int64)
+        self._file: h5py.File | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None}
+
+    def _group(self) -> h5py.Group:
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        return self._file[self.key]
+
+    def _read(self, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Column indices, values and stored-entry counts of the sorted unique rows."""
+        group = self._group()
+        if len(uniq) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, group["data"].dtype), np.zeros(0, np.int64)
+        starts, stops = self.indptr[uniq], self.indptr[uniq + 1]
+        # Merge rows whose stored entries are adjacent (consecutive rows) into one read.
+        breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1
+        run_first = np.concatenate([[0], breaks])
+        run_last = np.concatenate([breaks, [len(uniq)]]) - 1
+        idx_parts, val_parts = [], []
+        for a, b in zip(starts[run_first], stops[run_last], strict=True):
+            idx_parts.append(group["indices"][a:b])
+            val_parts.append(group["data"][a:b])
+        indices = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
+        data = np.concatenate(val_parts) if val_parts else np.zeros(0, group["data"].dtype)
+        return indices, data, stops - starts
+
+    def read_dense(self, rows: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """Dense float32 [len(rows), len(columns)]: the given rows restricted to ``columns``
+        (column indices of the matrix; None: all). ``rows`` may repeat, in any order."""
+        uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        indices, data, lengths = self._read(uniq)
+        local_row = np.repeat(np.arange(len(uniq)), lengths)
+        if columns is None:
+            dense = np.zeros((len(uniq), self.shape[1]), dtype=np.float32)
+            dense[local_row, indices] = data
+            return dense[inverse]
+        position = np.full(self.shape[1], -1, dtype=np.int64)
+        position[columns] = np.arange(len(columns))
+        col = position[indices]
+        keep = col >= 0
+        dense = np.zeros((len(uniq), len(columns)), dtype=np.float32)
+        dense[local_row[keep], col[keep]] = data[keep]
+        return dense[inverse]
+
+    def read_csr(self, rows: np.ndarray) -> sp.csr_matrix:
+        """The given rows (may repeat, any order) as CSR, in the file's value dtype."""
+        uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+        indices, data, lengths = self._read(uniq)
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        matrix = sp.csr_matrix((data, indices, indptr), shape=(len(uniq), self.shape[1]))
+        return matrix[inverse]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class H5adStreamWriter:
     """Write an h5ad file whose sparse matrices arrive in row chunks.
 

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from scgpt_vcc.data.gears import CONTROL, perturbed_genes
 from scgpt_vcc.data.pairing import read_pairing
-from scgpt_vcc.io import atomic_path, open_h5ad, read_annotations
+from scgpt_vcc.io import CsrRowReader, atomic_path, open_h5ad, read_annotations
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +36,6 @@ DE_KEY = "rank_genes_groups_cov_all"
 # Protocol 3 memoises with explicit indices (no FRAME/MEMOIZE opcodes), so separately
 # pickled pieces can be spliced into one stream and still load as one object.
 PICKLE_PROTOCOL = 3
-
-
-class RowReader:
-    """Dense rows of the CSR X of an h5ad file, read by index."""
-
-    def __init__(self, path: str | Path) -> None:
-        self._file = open_h5ad(path)
-        group = self._file["X"]
-        self.n_vars = int(group.attrs["shape"][1])
-        self._indptr = group["indptr"][:]
-        self._data: h5py.Dataset = group["data"]
-        self._indices: h5py.Dataset = group["indices"]
-
-    def rows(self, rows: Sequence[int]) -> np.ndarray:
-        out = np.zeros((len(rows), self.n_vars), dtype=np.float32)
-        for i, r in enumerate(rows):
-            start, stop = self._indptr[r], self._indptr[r + 1]
-            if stop > start:
-                out[i, self._indices[start:stop]] = self._data[start:stop]
-        return out
-
-    def close(self) -> None:
-        self._file.close()
 
 
 def _top_de_genes(path: str | Path) -> dict[str, np.ndarray]:
@@ -95,15 +71,15 @@ class CellGraphBuilder:
             genes = perturbed_genes(cond)
             idx = [np.int64(pert_pos[g]) for g in genes if g in pert_pos]
             self._pert_idx[cond] = idx if len(idx) == len(genes) else [-1]
-        self._reader = RowReader(processed)
+        self._reader = CsrRowReader(processed)
 
     def graph(self, row: int) -> Data:
         return self.graphs([row])[0]
 
     def graphs(self, rows: Sequence[int]) -> list[Data]:
         rows = np.asarray(rows, dtype=np.int64)
-        y = self._reader.rows(rows)
-        x = self._reader.rows(self.control_row[rows])
+        y = self._reader.read_dense(rows)
+        x = self._reader.read_dense(self.control_row[rows])
         out = []
         for i, r in enumerate(rows):
             cond = self.condition[r]

@@ -30,12 +30,10 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-from anndata.io import sparse_dataset
 
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.evaluate.means import GroupMeans, read_labels
-from scgpt_vcc.io import open_h5ad
+from scgpt_vcc.io import CsrRowReader
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +89,15 @@ def mae_pds(
     return _rename(results)
 
 
-def read_rows(path: str | Path, rows: np.ndarray) -> sp.csr_matrix:
-    """Rows ``rows`` (sorted) of ``X`` as CSR, reading contiguous runs only."""
-    if len(rows) == 0:
-        raise ValueError("no rows to read")
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(rows)]])
-    with open_h5ad(path) as f:
-        matrix = sparse_dataset(f["X"])
-        blocks = [matrix[rows[a] : rows[b - 1] + 1] for a, b in zip(starts, stops, strict=True)]
-    return sp.vstack(blocks, format="csr")
-
-
 def _subset(path: Path, labels: np.ndarray, genes: np.ndarray, keep: set[str], column: str):
     rows = np.flatnonzero(np.isin(labels, list(keep)))
     obs = pd.DataFrame({column: pd.Categorical(labels[rows])}, index=rows.astype(str))
-    return ad.AnnData(X=read_rows(path, rows), obs=obs, var=pd.DataFrame(index=genes))
+    reader = CsrRowReader(path)
+    try:
+        matrix = reader.read_csr(rows)
+    finally:
+        reader.close()
+    return ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=genes))
 
 
 def perturbation_groups(perturbations: list[str], group_size: int) -> Iterator[list[str]]:

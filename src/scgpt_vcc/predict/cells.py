@@ -38,7 +38,13 @@ from tqdm.auto import tqdm
 
 from scgpt_vcc.data.gears import CONTROL, gene_symbols, perturbed_genes
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.io import H5adStreamWriter, atomic_path, read_annotations, read_uns
+from scgpt_vcc.io import (
+    CsrRowReader,
+    H5adStreamWriter,
+    atomic_path,
+    read_annotations,
+    read_uns,
+)
 from scgpt_vcc.predict.population import (
     CellModel,
     ControlReference,
@@ -47,7 +53,6 @@ from scgpt_vcc.predict.population import (
     population_means,
     row_batches,
 )
-from scgpt_vcc.train.batches import CsrRowReader
 
 log = logging.getLogger(__name__)
 

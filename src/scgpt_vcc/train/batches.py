@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -36,7 +35,7 @@ import torch
 from scgpt_vcc.data.gears import gene_symbols, perturbed_genes
 from scgpt_vcc.data.pairing import read_pairing
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.io import open_h5ad, read_annotations
+from scgpt_vcc.io import CsrRowReader, read_annotations
 from scgpt_vcc.model.vocab import VocabMatch
 
 log = logging.getLogger(__name__)
@@ -70,65 +69,6 @@ class Batch:
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.gene_ids, self.values, self.target, self.pert_flags, self.rows)
-
-
-class CsrRowReader:
-    """Read arbitrary rows of the CSR matrix ``X`` of an h5ad file without loading it.
-
-    Only ``indptr`` (8 bytes per cell) stays in memory. Rows are read as contiguous runs, so
-    consecutive rows cost one HDF5 read. The file is opened on first use, so a reader can be
-    sent to DataLoader worker processes.
-    """
-
-    def __init__(self, path: str | Path, key: str = "X") -> None:
-        self.path = Path(path)
-        self.key = key
-        with open_h5ad(self.path) as f:
-            node = f.get(key)
-            if not isinstance(node, h5py.Group) or node.attrs.get("encoding-type") != "csr_matrix":
-                raise InputError(
-                    self.path, key, "is not a CSR sparse matrix", "write X as scipy CSR"
-                )
-            self.shape = tuple(int(n) for n in node.attrs["shape"])
-            self.indptr = node["indptr"][:].astype(np.int64)
-        self._file: h5py.File | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_file": None}
-
-    def _group(self) -> h5py.Group:
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        return self._file[self.key]
-
-    def read_dense(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
-        """Dense float32 [len(rows), len(columns)]: the given rows restricted to ``columns``.
-
-        ``rows`` may repeat and come in any order; ``columns`` are column indices of X.
-        """
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        starts, stops = self.indptr[uniq], self.indptr[uniq + 1]
-        group = self._group()
-        # Merge rows whose stored entries are adjacent (consecutive rows) into one read.
-        breaks = np.flatnonzero(starts[1:] != stops[:-1]) + 1
-        run_first = np.concatenate([[0], breaks])
-        run_last = np.concatenate([breaks, [len(uniq)]]) - 1
-        idx_parts, val_parts = [], []
-        for a, b in zip(starts[run_first], stops[run_last], strict=True):
-            idx_parts.append(group["indices"][a:b])
-            val_parts.append(group["data"][a:b])
-        indices = np.concatenate(idx_parts) if idx_parts else np.zeros(0, np.int64)
-        data = np.concatenate(val_parts) if val_parts else np.zeros(0, np.float32)
-        lengths = stops - starts
-        local_row = np.repeat(np.arange(len(uniq)), lengths)
-
-        position = np.full(self.shape[1], -1, dtype=np.int64)
-        position[columns] = np.arange(len(columns))
-        col = position[indices]
-        keep = col >= 0
-        dense = np.zeros((len(uniq), len(columns)), dtype=np.float32)
-        dense[local_row[keep], col[keep]] = data[keep]
-        return dense[inverse]
 
 
 class PerturbationCells:
