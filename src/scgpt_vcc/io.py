@@ -180,6 +180,15 @@ def iter_row_chunks(
                 bar.update(stop - start)
 
 
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 100, tight: bool = True) -> None:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    plt.close(fig)
+
+
 class CsrRowReader:
     """Rows of a CSR matrix of an h5ad file (``X`` or ``layers/<name>``), without loading it.
 

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from scgpt_vcc.data.de import load_stats  # noqa: E402
 from scgpt_vcc.data.gears import CONTROL  # noqa: E402
 from scgpt_vcc.errors import InputError  # noqa: E402
-from scgpt_vcc.io import atomic_path, write_json_atomic  # noqa: E402
+from scgpt_vcc.io import save_figure, write_json_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,6 @@ def qc_report(stats_path: str | Path, vocab_path: str | Path, min_cells: int) ->
     }
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
 def plot_cells(report: dict[str, Any], path: Path) -> None:
     counts = sorted(report["cells_per_perturbation"].values())
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -115,7 +109,7 @@ def plot_cells(report: dict[str, Any], path: Path) -> None:
     )
     ax.set(xlabel="perturbation (sorted)", ylabel="cells", title="Cells per perturbation")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_knockdown(report: dict[str, Any], path: Path) -> None:
@@ -130,7 +124,7 @@ def plot_knockdown(report: dict[str, Any], path: Path) -> None:
         ylabel="1 - target mean / control mean",
         title="Knockdown of the target gene (normalised counts)",
     )
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_qc(

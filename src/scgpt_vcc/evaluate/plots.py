@@ -19,17 +19,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from scgpt_vcc.io import atomic_path  # noqa: E402
+from scgpt_vcc.io import save_figure  # noqa: E402
 
 PLOT_FILES = ("metrics.png", "per_perturbation.png", "change_scatter.png")
 PER_PERTURBATION_METRICS = ("pearson_delta", "des", "mae")
 N_STRONGEST = 4
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
+DPI = 110
 
 
 def plot_metric_bars(summary: pd.DataFrame, path: Path) -> None:
@@ -48,7 +43,7 @@ def plot_metric_bars(summary: pd.DataFrame, path: Path) -> None:
     for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=DPI)
 
 
 def plot_per_perturbation(per_perturbation: pd.DataFrame, path: Path) -> None:
@@ -73,7 +68,7 @@ def plot_per_perturbation(per_perturbation: pd.DataFrame, path: Path) -> None:
     axes[0, 0].legend(fontsize=7, ncol=len(models))
     axes[0, 0].set_title("Per held-out perturbation (mean over seeds)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=DPI)
 
 
 def plot_change_scatter(eval_dir: Path, seed: int, model_types: Sequence[str], path: Path) -> None:
@@ -105,7 +100,7 @@ def plot_change_scatter(eval_dir: Path, seed: int, model_types: Sequence[str], p
                 ax.set_xlabel("true change")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=DPI)
 
 
 def write_plots(

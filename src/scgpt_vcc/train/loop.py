@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from scgpt_vcc.data.gears import CONTROL, gene_symbols, read_split
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.io import atomic_path, read_annotations
+from scgpt_vcc.io import atomic_path, read_annotations, save_figure
 from scgpt_vcc.model.checkpoint import (
     ARGS_FILE,
     VOCAB_FILE,
@@ -621,9 +621,7 @@ def plot_loss_curve(epochs: pd.DataFrame, steps: pd.DataFrame, path: Path) -> No
         ax2.set_ylabel("validation Pearson-delta", color="C2")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, tight=False)
 
 
 @contextlib.contextmanager
