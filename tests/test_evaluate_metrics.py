@@ -10,6 +10,7 @@ import pytest
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.evaluate.means import check_log1p, group_means
 from scgpt_vcc.evaluate.metrics import gears_metrics, perturbation_metrics, read_de_genes
+from scgpt_vcc.stats import pearson
 from tests.eval_support import CONTROL, write_cells, write_processed
 
 GENES = ["A", "B", "C", "D"]
@@ -109,3 +110,13 @@ def test_matches_gears_compute_metrics() -> None:
         ours = perturbation_metrics(truth[rows].mean(0), pred[rows].mean(0), control, de_idx[p])
         for name in ("pearson", "mse", "pearson_de", "mse_de"):
             assert ours[name] == pytest.approx(per_pert[p][name], rel=1e-9), (p, name)
+
+
+def test_pearson_is_shared_and_says_what_undefined_means():
+    """One Pearson for evaluation (undefined counts 0, as GEARS) and validation (nan)."""
+    x = np.array([0.0, 2.0, 1.0, 3.0])
+    y = np.array([0.0, 2.0, 2.0, 3.0])
+    assert pearson(x, 2 * x + 1) == pytest.approx(1.0)
+    assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert pearson(x, np.ones(4)) == 0.0
+    assert np.isnan(pearson(np.ones(4), x, undefined=np.nan))

@@ -129,7 +129,7 @@ def check_gpu_requests():
             )
 
 
-# --- GEARS processing (rules/data.smk) ---
+# --- GEARS processing (rules/gears.smk) ---
 GEARS_CFG = config["gears"]
 GEARS_GO_FILES = ("gene2go_all.pkl", "essential_all_data_pert_genes.pkl")
 

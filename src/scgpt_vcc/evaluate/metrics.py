@@ -22,18 +22,11 @@ from scgpt_vcc.data.gears import condition_of
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.evaluate.means import GroupMeans
 from scgpt_vcc.io import open_h5ad
+from scgpt_vcc.stats import pearson
 
 N_TOP_DE = 20
 DE_KEYS = ("rank_genes_groups_cov_all", "top_non_dropout_de_20")
 GEARS_METRICS = ("pearson", "pearson_delta", "pearson_de", "pearson_de_delta", "mse", "mse_de")
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation; 0 when undefined (a constant vector), as GEARS counts it."""
-    x = x - x.mean()
-    y = y - y.mean()
-    denom = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / denom) if denom > 0 else 0.0
 
 
 def mse(x: np.ndarray, y: np.ndarray) -> float:

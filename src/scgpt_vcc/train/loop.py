@@ -56,6 +56,7 @@ from scgpt_vcc.model.checkpoint import (
 )
 from scgpt_vcc.model.device import autocast_dtype, enable_tf32, precision_name
 from scgpt_vcc.model.vocab import match_genes
+from scgpt_vcc.stats import pearson
 from scgpt_vcc.train import ddp
 from scgpt_vcc.train.batches import (
     Batch,
@@ -438,7 +439,12 @@ class Trainer:
         pred, true = self._condition_means(rows)
         ctrl = self.control_mean()
         return float(
-            np.nanmean([_pearson(p - ctrl, t - ctrl) for p, t in zip(pred, true, strict=True)])
+            np.nanmean(
+                [
+                    pearson((p - ctrl).numpy(), (t - ctrl).numpy(), undefined=np.nan)
+                    for p, t in zip(pred, true, strict=True)
+                ]
+            )
         )
 
     # -- run ------------------------------------------------------------------------------
@@ -579,12 +585,6 @@ def _non_finite_rows(batch: Batch) -> list[int]:
 def _step_seed(*key: int) -> int:
     """Torch seed of one optimiser step: dropout is the same in a resumed run."""
     return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    denom = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-    return float((a * b).sum()) / denom if denom > 0 else float("nan")
 
 
 # --------------------------------------------------------------------------- outputs
