@@ -7,6 +7,12 @@ from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+
+# Wildcards that mean the same in every rule; model_type differs per rule (baseline or scGPT).
+wildcard_constraints:
+    seed=r"\d+",
+
+
 # Every job runs the package's CLI; without it on PATH a job would die with exit 127 and
 # no word of why.
 shell.prefix(

@@ -18,7 +18,6 @@ rule evaluate:
         f"benchmarks/{DATASET}/evaluate_seed{{seed}}_{{model_type}}.tsv"
     wildcard_constraints:
         model_type="|".join(EVAL_CFG["model_types"]),
-        seed=r"\d+",
     conda:
         "../../envs/scgpt-vcc.yaml"
     threads: EVAL_CFG["threads"]

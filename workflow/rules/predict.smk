@@ -17,7 +17,6 @@ rule predict_baseline:
         f"benchmarks/{DATASET}/predict_seed{{seed}}_{{model_type}}.tsv"
     wildcard_constraints:
         model_type="|".join(baseline_model_types()),
-        seed=r"\d+",
     conda:
         "../../envs/scgpt-vcc.yaml"
     threads: PREDICT_CFG["threads"]
@@ -33,7 +32,6 @@ rule predict_baseline:
 use rule predict_baseline as predict_scgpt with:
     wildcard_constraints:
         model_type="|".join(scgpt_model_types()),
-        seed=r"\d+",
     resources:
         gpu=1,
         gpu_model=GPU["slurm_gpu"],
@@ -48,8 +46,6 @@ rule heldout_real:
         h5ad=f"{PREDICTIONS_DIR}/seed{{seed}}/real.h5ad",
     log:
         f"logs/{DATASET}/heldout_real_seed{{seed}}.log",
-    wildcard_constraints:
-        seed=r"\d+",
     conda:
         "../../envs/scgpt-vcc.yaml"
     params:

@@ -16,7 +16,6 @@ rule finetune:
         f"benchmarks/{DATASET}/finetune_seed{{seed}}_{{model_type}}.tsv"
     wildcard_constraints:
         model_type="|".join(scgpt_model_types()) or "scgpt_finetuned",
-        seed=r"\d+",
     conda:
         "../../envs/scgpt-vcc.yaml"
     threads: TRAIN_CFG["threads"]

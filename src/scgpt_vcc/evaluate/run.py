@@ -50,7 +50,7 @@ class EvalSettings:
     n_top_de: int = 20
     chunk_size: int = 10000
     vcc_group_size: int = 10
-    threads: int = 1
+    threads: int = 2
 
 
 def read_baseline(

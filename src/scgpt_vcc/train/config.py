@@ -29,7 +29,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dropout: float = 0.0
     selection: str = "auto"
-    checkpoint_every_steps: int = 0
+    checkpoint_every_steps: int = 500
     eval_batch_size: int = 64
     workers: int = 1
     seed: int = 0
