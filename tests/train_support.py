@@ -13,7 +13,8 @@ import pytest
 
 from scgpt_vcc.data.pairing import write_pairing
 from scgpt_vcc.io import read_annotations
-from scgpt_vcc.model.checkpoint import read_vocab, write_random_checkpoint
+from scgpt_vcc.model.checkpoint import read_vocab
+from scgpt_vcc.model.random_checkpoint import write_random_checkpoint
 from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.train.batches import PerturbationCells
 from scgpt_vcc.train.config import TrainConfig

@@ -83,7 +83,7 @@ def _add_make_synthetic_checkpoint(sub: argparse._SubParsersAction) -> None:
 
     def run(a: argparse.Namespace) -> None:
         from scgpt_vcc.data.genes import read_gene_list
-        from scgpt_vcc.model.checkpoint import write_random_checkpoint
+        from scgpt_vcc.model.random_checkpoint import write_random_checkpoint
 
         write_random_checkpoint(
             a.outdir,
