@@ -48,9 +48,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from train_throughput import VOCAB_MATCH  # bench/ is on sys.path when run as a script
+from train_throughput import VOCAB_SIZE as VOCAB_GENES
+
+from scgpt_vcc.model.vocab import SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB_SIZE = 60_697  # the whole-human vocabulary, special tokens included
+VOCAB_SIZE = VOCAB_GENES + len(SPECIAL_TOKENS)  # the whole-human vocabulary: 60,697 tokens
 VCC_GENES = REPO / "resources" / "reference" / "vcc_gene_names.csv"
 VCC_VALIDATION = {"cells": 60_751, "perturbations": 50}
 CARDS_MIB = {"a40": 46_068, "titanrtx": 24_220}  # total memory as nvidia-smi reports it
@@ -249,7 +253,8 @@ def memory(size: dict, dev: torch.device) -> dict:
             slope, intercept = np.polyfit(
                 [r["micro_batch"] for r in ok], [r["peak_mib"] for r in ok], 1
             )
-            fits[precision] = {"mib_per_cell": round(slope, 1), "fixed_mib": round(intercept)}
+            fit = {"mib_per_cell": round(float(slope), 1), "fixed_mib": round(intercept)}
+            fits[precision] = fit
             for card, mib in CARDS_MIB.items():
                 fits[precision][card] = largest_power_of_two(slope, intercept, mib)
     return {"rows": rows, "largest_micro_batch": fits}
@@ -304,13 +309,13 @@ def train_steps(size: dict, dev: torch.device, dtype, micro: int, steps: int = 4
 
 
 def prediction(size: dict, dev: torch.device) -> dict:
+    from scgpt_vcc.data.genes import read_gene_list
     from scgpt_vcc.predict.scgpt import DEFAULT_CHUNK_SIZE, ScGPTPredictor
 
-    genes = VCC_GENES.read_text().split()[: size["predict_genes"]]
-    genes = [g for g in genes if g not in ("gene_name", "gene")] or genes
+    genes = read_gene_list(VCC_GENES)[: size["predict_genes"]]
     # The real vocabulary holds 98.7% of the VCC genes: fill the rest with other names.
-    n_in = round(0.987 * len(genes))
-    tokens = ["<pad>", "<cls>", "<eoc>", *genes[:n_in]]
+    n_in = round(VOCAB_MATCH * len(genes))
+    tokens = [*SPECIAL_TOKENS, *genes[:n_in]]
     tokens += [f"OTHER{i}" for i in range(VOCAB_SIZE - len(tokens))]
     vocab = {t: i for i, t in enumerate(tokens)}
     model = real_size_model(size, dev).eval()
