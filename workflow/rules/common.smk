@@ -262,9 +262,8 @@ def gpu_precision():
 
 def finetune_options():
     """Training options; batch size, accumulation and precision default to the GPU class."""
-    per_gpu = {
-        k: TRAIN_CFG[k] or GPU[k] for k in ("batch_size", "accumulation", "precision")
-    }
+    per_gpu = {k: TRAIN_CFG[k] or GPU[k] for k in ("batch_size", "accumulation")}
+    per_gpu["precision"] = gpu_precision()
     settings = {
         k: v
         for k, v in TRAIN_CFG.items()
