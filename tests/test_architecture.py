@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "scgpt_vcc"
 LAYERS = {
     "errors": 0,
-    "io": 1, "stats": 1,
+    "io": 1, "stats": 1, "precisions": 1,
     "data": 2,
     "model": 3,
     "train": 4, "predict": 4,

@@ -272,7 +272,8 @@ def _bool(text: str) -> bool:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from scgpt_vcc.train.config import PRECISIONS, SELECTIONS, TrainConfig
+    from scgpt_vcc.precisions import PRECISIONS
+    from scgpt_vcc.train.config import SELECTIONS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -444,8 +445,8 @@ def _add_predict_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     """Options of the models themselves, shared by predict, heldout-real and submission."""
+    from scgpt_vcc.precisions import PRECISIONS
     from scgpt_vcc.predict.run import PredictSettings
-    from scgpt_vcc.train.config import PRECISIONS
 
     d = PredictSettings()
     p.add_argument(

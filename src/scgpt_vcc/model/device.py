@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from scgpt_vcc.precisions import PRECISIONS
+
 log = logging.getLogger(__name__)
 
 BF16_MIN_CAPABILITY = (8, 0)
@@ -67,8 +69,8 @@ def autocast_dtype(
     a CPU with native bf16 (1.55x our fp32 training cells/s on a Zen 4 CPU in
     bench/train_throughput.py, same loss curve to 1e-3; docs/benchmarks.md), else fp32.
     """
-    if precision not in ("auto", "bf16", "fp16", "fp32"):  # train.config.PRECISIONS
-        raise ValueError(f"unknown precision {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}, not one of {PRECISIONS}")
     if precision == "fp32":
         return None
     if device.type != "cuda":

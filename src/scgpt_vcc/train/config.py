@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scgpt_vcc.precisions import PRECISIONS
+
 SELECTIONS = ("auto", "train_loss", "val_pearson_delta")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # The modules the scGPT perturbation tutorial copies from the pretrained checkpoint
 # (= scgpt_vcc.model.checkpoint.DEFAULT_LOAD_PREFIXES; a test keeps them equal).
 LOAD_PREFIXES = ("encoder", "value_encoder", "transformer_encoder")
