@@ -205,8 +205,7 @@ def real_size_model(size: dict, dev: torch.device, vocab_size: int = VOCAB_SIZE)
     model = TransformerGenerator(
         vocab_size, m["embsize"], m["nheads"], m["d_hid"], m["nlayers"], pad_token_id=0
     )
-    model.cls_decoder.requires_grad_(False)  # as finetune: never used for perturbation
-    return model.to(dev)
+    return model.freeze_cls_head().to(dev)
 
 
 def random_batch(n: int, length: int, dev: torch.device, vocab_size: int = VOCAB_SIZE):

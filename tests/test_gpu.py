@@ -46,8 +46,7 @@ TRAIN = {"max_seq_len": 128, "workers": 1, "batch_size": 16, "device": DEVICE}
 def _model(embsize: int = 64, nlayers: int = 2) -> TransformerGenerator:
     torch.manual_seed(0)
     model = TransformerGenerator(500, embsize, 4, embsize, nlayers, pad_token_id=0)
-    model.cls_decoder.requires_grad_(False)  # as finetune does: perturbation never uses it
-    return model.to(DEVICE)
+    return model.freeze_cls_head().to(DEVICE)
 
 
 def _inputs(n: int, length: int) -> tuple[torch.Tensor, ...]:

@@ -295,6 +295,12 @@ class TransformerGenerator(nn.Module):
             attn_mask = ~padding_mask.bool()[:, None, None, :]
         return self.transformer_encoder(x, attn_mask)
 
+    def freeze_cls_head(self) -> TransformerGenerator:
+        """Stop training ``cls_decoder``: it is kept for checkpoint compatibility, but the
+        perturbation objective never calls it (DDP would wait for its gradients)."""
+        self.cls_decoder.requires_grad_(False)
+        return self
+
     def forward(
         self,
         gene_ids: Tensor,

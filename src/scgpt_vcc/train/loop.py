@@ -723,9 +723,7 @@ def _finetune(
     model = load_pretrained(
         checkpoint_dir, load_prefixes=cfg.load_prefixes, device=ctx.device, dropout=cfg.dropout
     )
-    # The cls head is kept for checkpoint compatibility but never used by this objective.
-    for p in model.cls_decoder.parameters():
-        p.requires_grad_(False)
+    model.freeze_cls_head()
 
     inputs = {
         "data": str(data),
