@@ -9,7 +9,7 @@ import torch
 
 from scgpt_vcc.model.device import autocast_dtype
 from scgpt_vcc.train.config import TrainConfig
-from scgpt_vcc.train.loop import resolve_precision
+from scgpt_vcc.train.precision import resolve_precision
 
 GPU = torch.device("cuda", 0)
 

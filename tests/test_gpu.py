@@ -30,7 +30,7 @@ from scgpt_vcc.model.checkpoint import read_state_dict
 from scgpt_vcc.model.device import autocast_dtype
 from scgpt_vcc.model.transformer import TransformerGenerator
 from scgpt_vcc.train.config import TrainConfig
-from scgpt_vcc.train.loop import fit_micro_batch
+from scgpt_vcc.train.precision import fit_micro_batch
 from tests.train_support import run_finetune, train_inputs  # noqa: F401
 
 ON_CPU = os.environ.get("SCGPT_VCC_GPU_TESTS_ON_CPU") == "1"

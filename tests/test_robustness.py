@@ -33,7 +33,8 @@ from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.submission import read_counts
 from scgpt_vcc.train.batches import PerturbationCells
 from scgpt_vcc.train.config import TrainConfig
-from scgpt_vcc.train.loop import finetune, resolve_precision
+from scgpt_vcc.train.loop import finetune
+from scgpt_vcc.train.precision import resolve_precision
 from tests.train_support import train_inputs  # noqa: F401
 
 FAST = {"max_seq_len": 64, "workers": 0, "batch_size": 16, "accumulation": 1}

@@ -21,7 +21,8 @@ from scgpt_vcc.errors import InputError
 from scgpt_vcc.model.checkpoint import DEFAULT_LOAD_PREFIXES, load_finetuned, read_state_dict
 from scgpt_vcc.model.transformer import TransformerGenerator
 from scgpt_vcc.train.config import LOAD_PREFIXES, TrainConfig
-from scgpt_vcc.train.loop import finetune, fit_micro_batch, resolve_precision
+from scgpt_vcc.train.loop import finetune
+from scgpt_vcc.train.precision import fit_micro_batch, resolve_precision
 from tests.train_support import run_finetune, train_cells, train_inputs  # noqa: F401
 
 CLI = str(Path(sys.executable).with_name("scgpt-vcc"))

@@ -1,0 +1,90 @@
+"""Epoch selection: the selection metric and validation Pearson-delta."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from scgpt_vcc.data.gears import CONTROL
+from scgpt_vcc.errors import InputError
+from scgpt_vcc.stats import pearson
+from scgpt_vcc.train.batches import Batch, PerturbationCells
+from scgpt_vcc.train.precision import autocast
+
+
+def resolve_selection(selection: str, val_conditions: list[str]) -> str:
+    """The metric that selects the best epoch: ``auto`` is validation when there is any."""
+    if selection == "auto":
+        selection = "val_pearson_delta" if val_conditions else "train_loss"
+    if selection == "val_pearson_delta" and not val_conditions:
+        raise InputError(
+            "config",
+            "train.selection",
+            "is val_pearson_delta but the split has no validation conditions",
+            "use selection: train_loss (or auto), or a split with a 'val' set",
+        )
+    return selection
+
+
+def improves(selection: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` beats the best so far: a lower loss, a higher Pearson-delta."""
+    return best is None or (value < best if selection == "train_loss" else value > best)
+
+
+@torch.no_grad()
+def condition_means(
+    model: nn.Module,
+    cells: PerturbationCells,
+    rows: np.ndarray,
+    batches: Iterable[Batch],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-condition means of predicted and true expression over ``rows``, all genes.
+
+    ``batches`` are the evaluation batches of ``rows`` (host tensors).
+    """
+    codes = np.unique(cells.cond_code[rows])
+    slot = np.full(len(cells.conditions), -1)
+    slot[codes] = np.arange(len(codes))
+    shape = (len(codes), cells.n_input_genes)
+    pred_sum, true_sum, count = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
+    model.eval()
+    for batch in batches:
+        gpu = batch.to(device)
+        with autocast(device, dtype):
+            pred = model(gpu.gene_ids.expand(gpu.n_cells, -1), gpu.values, gpu.pert_flags)
+        pred = pred.float().cpu().double()
+        genes = torch.as_tensor(cells.gene_index(batch.gene_ids))
+        which = torch.as_tensor(slot[cells.cond_code[batch.rows.numpy()]])
+        for s in which.unique():
+            chosen = which == s
+            pred_sum[s, genes] += pred[chosen].sum(0)
+            true_sum[s, genes] += batch.target[chosen].double().sum(0)
+            count[s, genes] += float(chosen.sum())
+    return pred_sum / count, true_sum / count
+
+
+def control_mean(cells: PerturbationCells) -> torch.Tensor:
+    """Mean expression of the control cells, all input genes."""
+    rows = cells.rows_of([CONTROL])
+    total = torch.zeros(cells.n_input_genes, dtype=torch.float64)
+    genes = np.arange(cells.n_input_genes)
+    for start in range(0, len(rows), 1024):
+        total += cells.build(rows[start : start + 1024], genes).target.double().sum(0)
+    return total / max(len(rows), 1)
+
+
+def pearson_delta(pred: torch.Tensor, true: torch.Tensor, ctrl: torch.Tensor) -> float:
+    """Mean over conditions of Pearson(pred - ctrl, true - ctrl); undefined ones skipped."""
+    return float(
+        np.nanmean(
+            [
+                pearson((p - ctrl).numpy(), (t - ctrl).numpy(), undefined=np.nan)
+                for p, t in zip(pred, true, strict=True)
+            ]
+        )
+    )
