@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.references
+
 N_GENES = 18080
 CONTROL = "non-targeting"
 
@@ -82,8 +84,10 @@ def write_pair(
 
 def run_method(method: str, folder: Path, group_size: int, threads: int) -> None:
     """Child process: evaluate and print JSON with peak RSS and wall time."""
+    from tests.references import plain_cell_eval
+
     from scgpt_vcc.evaluate.means import group_means
-    from scgpt_vcc.evaluate.vcc import plain_cell_eval, vcc_metrics
+    from scgpt_vcc.evaluate.vcc import vcc_metrics
 
     real, pred = folder / "real.h5ad", folder / "pred.h5ad"
     start = time.perf_counter()

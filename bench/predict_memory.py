@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scgpt_vcc.model.upstream import upstream_scgpt
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.references import upstream_scgpt  # noqa: E402
 
 VCC_GENES = 18080
 VCC_IN_VOCAB = 17840

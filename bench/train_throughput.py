@@ -62,9 +62,11 @@ from pathlib import Path
 import numpy as np
 from gears_processing import fake_go_files  # bench/ is on sys.path when run as a script
 
-from scgpt_vcc.model.upstream import upstream_scgpt
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.references import upstream_scgpt  # noqa: E402
+
 SCGPT = [sys.executable, "-m", "scgpt_vcc.cli"]  # also where the entry point is not installed
 NAME = "bench"
 SEED = 1

@@ -11,8 +11,9 @@ import pytest
 
 from scgpt_vcc.evaluate.means import group_means
 from scgpt_vcc.evaluate.run import EvalSettings, evaluate_predictions
-from scgpt_vcc.evaluate.vcc import challenge_score, plain_cell_eval, vcc_metrics
+from scgpt_vcc.evaluate.vcc import challenge_score, vcc_metrics
 from tests.eval_support import CONTROL, write_noisy_pair, write_processed
+from tests.references import plain_cell_eval
 
 NAMES = ("des", "pds", "mae")
 

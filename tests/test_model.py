@@ -27,8 +27,8 @@ from scgpt_vcc.model import (
     save_checkpoint,
     write_random_checkpoint,
 )
-from scgpt_vcc.model.checkpoint import SCGPT_HUMAN_ARGS_KEYS, read_state_dict
-from scgpt_vcc.model.upstream import upstream_scgpt
+from scgpt_vcc.model.checkpoint import read_state_dict, scgpt_human_args
+from tests.references import upstream_scgpt
 
 GENES = [f"GENE{i:04d}" for i in range(400)]
 SPECIALS = ["<pad>", "<cls>", "<eoc>"]
@@ -67,7 +67,8 @@ def _inputs(
 
 def test_random_checkpoint_matches_whole_human_format(ckpt_dir: Path) -> None:
     args = json.loads((ckpt_dir / "args.json").read_text())
-    assert tuple(args) == SCGPT_HUMAN_ARGS_KEYS
+    assert list(args) == list(scgpt_human_args())
+    assert len(args) == 47  # the released file's keys
     assert {"embsize", "nheads", "d_hid", "nlayers", "n_layers_cls", "pad_value"} <= set(args)
     assert (args["embsize"], args["nheads"], args["d_hid"], args["nlayers"]) == (32, 4, 48, 2)
     assert (args["n_layers_cls"], args["n_bins"], args["pad_token"]) == (3, 51, "<pad>")

@@ -26,8 +26,9 @@ from scgpt_vcc.data.pairing import write_pairing
 from scgpt_vcc.data.qc import qc_report
 from scgpt_vcc.data.splits import build_split
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.model.checkpoint import load_pretrained, read_vocab
+from scgpt_vcc.model.checkpoint import read_vocab
 from scgpt_vcc.model.device import precision_name
+from scgpt_vcc.model.loading import load_pretrained
 from scgpt_vcc.model.random_checkpoint import write_random_checkpoint
 from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.submission import read_counts

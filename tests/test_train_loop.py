@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.model.checkpoint import DEFAULT_LOAD_PREFIXES, load_finetuned, read_state_dict
+from scgpt_vcc.model.checkpoint import DEFAULT_LOAD_PREFIXES, read_state_dict
+from scgpt_vcc.model.loading import load_finetuned
 from scgpt_vcc.model.transformer import TransformerGenerator
 from scgpt_vcc.train.config import LOAD_PREFIXES, TrainConfig
 from scgpt_vcc.train.loop import finetune

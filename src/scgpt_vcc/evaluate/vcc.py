@@ -15,7 +15,8 @@ cell-eval 0.8.2 and pdex 0.3.0):
   runs on groups of perturbations, each with all control cells, and the per-perturbation
   values are identical to one run on everything.
 
-``tests/test_evaluate_vcc.py`` checks the three against one plain cell-eval run.
+``tests/test_evaluate_vcc.py`` checks the three against one plain cell-eval run
+(``tests/references.py``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def cell_eval_version() -> str:
     return importlib.metadata.version("cell-eval")
 
 
-def _evaluator(real: ad.AnnData, pred: ad.AnnData, control: str, column: str, **kwargs):
+def cell_eval_evaluator(real: ad.AnnData, pred: ad.AnnData, control: str, column: str, **kwargs):
     from cell_eval import MetricsEvaluator
 
     return MetricsEvaluator(
@@ -55,7 +56,7 @@ def _evaluator(real: ad.AnnData, pred: ad.AnnData, control: str, column: str, **
     )
 
 
-def _rename(results) -> pd.DataFrame:
+def per_perturbation_table(results) -> pd.DataFrame:
     """cell-eval's per-perturbation polars table -> pandas with our metric names."""
     frame = results.to_pandas().set_index("perturbation").rename(columns=CELL_EVAL_NAMES)
     frame = frame[[c for c in VCC_METRICS if c in frame.columns]]
@@ -74,7 +75,7 @@ def mae_pds(
 ) -> pd.DataFrame:
     """cell-eval's MAE and PDS of every perturbation, computed from the streamed means."""
     with tempfile.TemporaryDirectory() as tmp:
-        evaluator = _evaluator(
+        evaluator = cell_eval_evaluator(
             _means_adata(real, column),
             _means_adata(pred, column),
             control,
@@ -86,7 +87,7 @@ def mae_pds(
         results, _ = evaluator.compute(
             profile="vcc", skip_metrics=["overlap_at_N"], write_csv=False, break_on_error=True
         )
-    return _rename(results)
+    return per_perturbation_table(results)
 
 
 def _subset(path: Path, labels: np.ndarray, genes: np.ndarray, keep: set[str], column: str):
@@ -124,14 +125,16 @@ def des_by_groups(
         real = _subset(Path(real_path), real_labels, genes, keep, column)
         pred = _subset(Path(pred_path), pred_labels, genes, keep, column)
         with tempfile.TemporaryDirectory() as tmp:
-            evaluator = _evaluator(real, pred, control, column, outdir=tmp, num_threads=threads)
+            evaluator = cell_eval_evaluator(
+                real, pred, control, column, outdir=tmp, num_threads=threads
+            )
             results, _ = evaluator.compute(
                 profile="vcc",
                 skip_metrics=["mae", "discrimination_score_l1"],
                 write_csv=False,
                 break_on_error=True,
             )
-        frames.append(_rename(results))
+        frames.append(per_perturbation_table(results))
         del real, pred, evaluator
     return pd.concat(frames)
 
@@ -194,24 +197,3 @@ def challenge_score(model: Mapping[str, float], baseline: Mapping[str, float]) -
         parts[f"{name}_score"] = 0.0 if math.isnan(value) else max(float(value), 0.0)
     parts["challenge_score"] = 100 * float(np.mean(list(parts.values())))
     return parts
-
-
-def plain_cell_eval(
-    real_path: str | Path,
-    pred_path: str | Path,
-    control: str,
-    column: str = "target_gene",
-    threads: int = 1,
-) -> pd.DataFrame:
-    """cell-eval exactly as its users run it (both files in memory); the reference."""
-    with tempfile.TemporaryDirectory() as tmp:
-        evaluator = _evaluator(
-            ad.read_h5ad(real_path),
-            ad.read_h5ad(pred_path),
-            control,
-            column,
-            outdir=tmp,
-            num_threads=threads,
-        )
-        results, _ = evaluator.compute(profile="vcc", write_csv=False, break_on_error=True)
-    return _rename(results)

@@ -17,13 +17,7 @@ Whole-human checkpoint format (what :func:`load_pretrained` reads and
   missing/unexpected keys users report when loading it into scgpt's models (scGPT issues
   #78, #123, #173; RCHENLAB/scGPT_fineTune_protocol#2).
 
-:func:`load_pretrained` follows the perturbation tutorial: build a ``TransformerGenerator``
-of the size in ``args.json``, rename ``Wqkv.`` to ``in_proj_``, copy only parameters under
-``load_prefixes`` (by default the gene encoder, value encoder and transformer) and leave
-the rest (perturbation embedding, affine decoder, cls head) at their fresh initialisation.
-:func:`load_finetuned` reads a trained folder (:func:`save_checkpoint`'s) whole. The two
-cannot be swapped silently: a finetuned folder given to ``load_pretrained`` and a
-pretrained one given to ``load_finetuned`` are both refused.
+Building a model from a folder: :mod:`scgpt_vcc.model.loading`.
 """
 
 from __future__ import annotations
@@ -32,6 +26,7 @@ import json
 import logging
 import pickle
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +45,11 @@ __all__ = [
     "DEFAULT_LOAD_PREFIXES",
     "MODEL_FILE",
     "MODEL_SIZE_KEYS",
-    "SCGPT_HUMAN_ARGS_KEYS",
     "VOCAB_FILE",
-    "load_finetuned",
-    "load_pretrained",
     "read_args",
     "read_state_dict",
     "read_vocab",
+    "scgpt_human_args",
     "save_checkpoint",
 ]
 
@@ -77,72 +70,20 @@ MODEL_SIZE_KEYS: dict[str, str] = {
 }
 REQUIRED_ARGS_KEYS: tuple[str, ...] = (*MODEL_SIZE_KEYS, "pad_token")
 
-# Keys of the released scGPT_human/args.json, in file order, with the pretraining values.
-# Source: recalled from the released file (scGPT "whole-human" Google Drive folder) and
-# cross-checked without network access against public code that reproduces the same
-# config dict key for key (a scGPT pretraining-config class: data_source ... gpu) and a
-# research log quoting the file's fields (save_dir ...May23-08-36-2023, input_style
-# "binned", input_emb_style "continuous", n_bins 51, MVC and USE_GENERATIVE_TRAINING
-# true, nlayers 12, nheads 8, embsize 512, d_hid 512). Host-specific values (paths,
-# dist_url) are placeholders here; only the key set and the model-size values matter.
-SCGPT_HUMAN_ARGS: dict[str, Any] = {
-    "data_source": "/scratch/ssd004/datasets/cellxgene/scb_strict/human",
-    "save_dir": "/scratch/ssd004/datasets/cellxgene/save/cellxgene_census_human-May23-08-36-2023",
-    "load_model": None,
-    "n_hvg": None,
-    "valid_size_or_ratio": 0.003,
-    "dist_backend": "nccl",
-    "grad_accu_steps": 1,
-    "pad_token": "<pad>",
-    "input_style": "binned",
-    "input_emb_style": "continuous",
-    "n_bins": 51,
-    "max_seq_len": 1200,
-    "training_tasks": "both",
-    "dist_url": "tcp://localhost:53833",
-    "mask_ratio": [0.25, 0.5, 0.75],
-    "trunc_by_sample": True,
-    "vocab_path": (
-        "/scratch/ssd004/datasets/cellxgene/scFormer/scformer/tokenizer/default_census_vocab.json"
-    ),
-    "rank": 0,
-    "batch_size": 32,
-    "eval_batch_size": 64,
-    "epochs": 6,
-    "lr": 0.0001,
-    "scheduler_interval": 100,
-    "scheduler_factor": 0.99,
-    "warmup_ratio_or_step": 10000.0,
-    "no_cls": True,
-    "no_cce": True,
-    "fp16": True,
-    "fast_transformer": True,
-    "nlayers": 12,
-    "nheads": 8,
-    "embsize": 512,
-    "d_hid": 512,
-    "dropout": 0.2,
-    "n_layers_cls": 3,
-    "log_interval": 9000,
-    "save_interval": 27000,
-    "mask_value": -1,
-    "pad_value": -2,
-    "USE_CLS": False,
-    "USE_CCE": False,
-    "MVC": True,
-    "USE_GENERATIVE_TRAINING": True,
-    "world_size": 16,
-    "distributed": True,
-    "local_rank": 0,
-    "gpu": 0,
-}
-SCGPT_HUMAN_ARGS_KEYS: tuple[str, ...] = tuple(SCGPT_HUMAN_ARGS)
+
+def scgpt_human_args() -> dict[str, Any]:
+    """The released whole-human ``args.json`` (scGPT repository, MIT licence), in order.
+
+    Shipped as ``scgpt_human_args.json`` beside this module: the template of the random
+    checkpoints and the source of the values error messages suggest.
+    """
+    return json.loads(resources.files(__package__).joinpath("scgpt_human_args.json").read_text())
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def _check_folder(checkpoint_dir: Path) -> None:
+def check_folder(checkpoint_dir: Path) -> None:
     if not checkpoint_dir.is_dir():
         raise InputError(
             checkpoint_dir,
@@ -183,7 +124,7 @@ def read_args(path: str | Path) -> dict[str, Any]:
                 key,
                 "is missing",
                 f"add {key!r} from the pretraining run (scGPT_human: "
-                f"{SCGPT_HUMAN_ARGS[key]!r}) or re-download args.json",
+                f"{scgpt_human_args()[key]!r}) or re-download args.json",
             )
     for key in MODEL_SIZE_KEYS:
         value = args[key]
@@ -255,7 +196,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def _to_torch_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def to_torch_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename flash-attn 1.x attention keys (``Wqkv.``) to torch's (``in_proj_``)."""
     return {k.replace(".self_attn.Wqkv.", ".self_attn.in_proj_"): v for k, v in state.items()}
 
@@ -265,172 +206,8 @@ def has_prefix(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def _shape(t: Tensor) -> str:
+def shape_text(t: Tensor) -> str:
     return "x".join(map(str, t.shape)) or "scalar"
-
-
-# Only a perturbation model has it: the pretrained whole-human checkpoint does not.
-FINETUNED_MARKER = "pert_encoder.weight"
-
-
-def load_pretrained(
-    checkpoint_dir: str | Path,
-    *,
-    load_prefixes: Sequence[str] = DEFAULT_LOAD_PREFIXES,
-    device: str | torch.device = "cpu",
-    dropout: float = 0.0,
-    pert_pad_id: int = 0,
-) -> TransformerGenerator:
-    """A perturbation model started from a pretrained scGPT checkpoint (what finetuning does).
-
-    Args:
-        checkpoint_dir: the pretrained folder (``args.json``, ``vocab.json``,
-            ``best_model.pt``), e.g. the whole-human model.
-        load_prefixes: module prefixes copied from the checkpoint (the tutorial's: encoder,
-            value_encoder, transformer_encoder); every other parameter, the perturbation
-            encoder and the decoder among them, starts from its fresh initialisation. Empty:
-            nothing is loaded (training from scratch).
-        device: where the model is placed.
-        dropout: finetuning dropout. ``args.json``'s ``dropout`` is the pretraining value and
-            is ignored, as in the tutorial (which finetunes with 0).
-        pert_pad_id: perturbation flag with a fixed zero embedding (see the model).
-
-    Raises:
-        InputError: incomplete folder, unreadable or malformed files, checkpoint parameters
-            that do not fit the model described by ``args.json``/``vocab.json``, or a
-            finetuned folder (its decoder would be silently re-initialised: use
-            :func:`load_finetuned`).
-    """
-    folder, args, vocab, state = _read_folder(checkpoint_dir)
-    if FINETUNED_MARKER in state:
-        raise InputError(
-            folder / MODEL_FILE,
-            FINETUNED_MARKER,
-            "belongs to a finetuned perturbation model, not a pretrained checkpoint; loading "
-            "only its encoder would re-initialise its decoder",
-            "load a trained folder with load_finetuned (every parameter), or give the "
-            "pretrained scGPT folder",
-        )
-    return _build(folder, args, vocab, state, tuple(load_prefixes), device, dropout, pert_pad_id)
-
-
-def load_finetuned(
-    model_dir: str | Path, *, device: str | torch.device = "cpu", pert_pad_id: int = 0
-) -> TransformerGenerator:
-    """A trained perturbation model (``finetune``'s output folder), every parameter loaded.
-
-    Raises:
-        InputError: as :func:`load_pretrained`, and when ``best_model.pt`` does not cover the
-            whole model (e.g. a pretrained checkpoint: use :func:`load_pretrained`).
-    """
-    folder, args, vocab, state = _read_folder(model_dir)
-    return _build(folder, args, vocab, state, None, device, 0.0, pert_pad_id)
-
-
-def _read_folder(
-    checkpoint_dir: str | Path,
-) -> tuple[Path, dict[str, Any], dict[str, int], dict[str, Tensor]]:
-    folder = Path(checkpoint_dir)
-    _check_folder(folder)
-    args = read_args(folder / ARGS_FILE)
-    vocab = read_vocab(folder / VOCAB_FILE, args["pad_token"])
-    state = _to_torch_names(read_state_dict(folder / MODEL_FILE))
-    return folder, args, vocab, state
-
-
-def _build(
-    folder: Path,
-    args: dict[str, Any],
-    vocab: dict[str, int],
-    state: dict[str, Tensor],
-    load_prefixes: tuple[str, ...] | None,
-    device: str | torch.device,
-    dropout: float,
-    pert_pad_id: int,
-) -> TransformerGenerator:
-    """The model of ``args``/``vocab`` with the ``load_prefixes`` part of ``state`` (None: all,
-    which must then cover the whole model)."""
-    model_path = folder / MODEL_FILE
-
-    model = TransformerGenerator(
-        len(vocab),
-        args["embsize"],
-        args["nheads"],
-        args["d_hid"],
-        args["nlayers"],
-        nlayers_cls=args["n_layers_cls"],
-        n_cls=1,
-        dropout=dropout,
-        pad_token_id=vocab[args["pad_token"]],
-        pert_pad_id=pert_pad_id,
-    )
-    target = model.state_dict()
-    prefixes = tuple(load_prefixes or ())
-
-    def selected(key: str) -> bool:
-        return load_prefixes is None or has_prefix(key, prefixes)
-
-    loaded: dict[str, Tensor] = {}
-    skipped: list[str] = []
-    for key, value in state.items():
-        if not selected(key):
-            skipped.append(key)
-            continue
-        if key not in target:
-            raise InputError(
-                model_path,
-                key,
-                f"(shape {_shape(value)}) has no counterpart in a TransformerGenerator built "
-                f"from args.json (nlayers={args['nlayers']}, embsize={args['embsize']})",
-                "use the args.json that belongs to this best_model.pt, or leave this module "
-                "out of load_prefixes",
-            )
-        if value.shape != target[key].shape:
-            raise InputError(
-                model_path,
-                key,
-                f"has shape {_shape(value)} but the model built from args.json and "
-                f"vocab.json ({len(vocab)} tokens) needs {_shape(target[key])}",
-                "use the vocab.json and args.json shipped with this best_model.pt (the gene "
-                "embedding has one row per vocab.json entry)",
-            )
-        loaded[key] = value
-    if not loaded and (load_prefixes is None or prefixes):
-        raise InputError(
-            model_path,
-            "parameters",
-            f"none start with {', '.join(prefixes)} (first keys: {', '.join(list(state)[:3])})",
-            "check that this is an scGPT checkpoint; strip a 'module.' prefix if it was "
-            "saved from DistributedDataParallel",
-        )
-
-    not_covered = [k for k in target if selected(k) and k not in loaded]
-    if not_covered:
-        raise InputError(
-            model_path,
-            not_covered[0],
-            f"is missing ({len(not_covered)} parameters under the loaded prefixes are absent)",
-            "use the args.json that belongs to this best_model.pt (e.g. nlayers), or the "
-            "complete checkpoint file",
-        )
-    model.load_state_dict(loaded, strict=False)
-    reinitialised = [k for k in target if k not in loaded]
-    for key in loaded:
-        log.info("loaded %s %s", key, _shape(loaded[key]))
-    for key in skipped:
-        log.info("skipped (not under %s) %s %s", "/".join(prefixes), key, _shape(state[key]))
-    for key in reinitialised:
-        log.info("re-initialised (not in checkpoint selection) %s %s", key, _shape(target[key]))
-    log.info(
-        "%s: loaded %d tensors (%d parameters), skipped %d checkpoint tensors, "
-        "re-initialised %d model tensors",
-        model_path,
-        len(loaded),
-        sum(v.numel() for v in loaded.values()),
-        len(skipped),
-        len(reinitialised),
-    )
-    return model.to(device)
 
 
 # --------------------------------------------------------------------------- writing

@@ -2,7 +2,9 @@
 
 Reading and writing real checkpoints is :mod:`scgpt_vcc.model.checkpoint`; this module only
 imitates the released ``scGPT_human`` folder (its keys, shapes and ``args.json`` fields) so
-the workflow and the tests run without the 196 MB download.
+the workflow and the tests run without the 196 MB download; its ``args.json`` is the
+released one (:func:`~scgpt_vcc.model.checkpoint.scgpt_human_args`) with the model size
+changed.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from scgpt_vcc.model.checkpoint import (
     ARGS_FILE,
     DEFAULT_LOAD_PREFIXES,
     MODEL_FILE,
-    SCGPT_HUMAN_ARGS,
     VOCAB_FILE,
     has_prefix,
     save_state_dict,
+    scgpt_human_args,
 )
 from scgpt_vcc.model.transformer import ExprDecoder, TransformerGenerator
 from scgpt_vcc.model.vocab import PAD_TOKEN, SPECIAL_TOKENS
@@ -113,7 +115,7 @@ def write_random_checkpoint(
     vocab_genes = [vocab_genes[i] for i in rng.permutation(len(vocab_genes))]
     vocab = {g: i for i, g in enumerate([*vocab_genes, *SPECIAL_TOKENS])}
 
-    args = dict(SCGPT_HUMAN_ARGS)
+    args = scgpt_human_args()
     args.update(embsize=embsize, nheads=nheads, d_hid=d_hid, nlayers=nlayers)
     args["save_dir"] = f"random-init (scgpt_vcc write_random_checkpoint, seed {seed})"
 

@@ -38,11 +38,11 @@ from scgpt_vcc.io import read_annotations
 from scgpt_vcc.model.checkpoint import (
     ARGS_FILE,
     VOCAB_FILE,
-    load_pretrained,
     read_args,
     read_vocab,
     save_checkpoint,
 )
+from scgpt_vcc.model.loading import load_pretrained
 from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.train import ddp
 from scgpt_vcc.train.batches import PerturbationCells

@@ -1,8 +1,10 @@
-"""The reference implementation, scgpt 0.2.4, imported without its package ``__init__``.
+"""The references the tests and benchmarks hold our code against (not shipped).
 
-``scgpt/__init__.py`` imports torchtext, which no longer loads with a current torch; the
-model, loss and utility modules do not need it. The parity tests and the benchmarks use
-this to run upstream's code next to ours (``pip install --no-deps scgpt==0.2.4``).
+* :func:`upstream_scgpt`: scgpt 0.2.4, imported without its package ``__init__``, which
+  imports torchtext, which no longer loads with a current torch; the model, loss and
+  utility modules do not need it (``pip install --no-deps scgpt==0.2.4``).
+* :func:`plain_cell_eval`: cell-eval's ``vcc`` profile run as its users run it, both
+  files in memory.
 """
 
 from __future__ import annotations
@@ -13,8 +15,15 @@ import importlib.metadata
 import importlib.util
 import logging
 import sys
+import tempfile
 import types
 from collections.abc import Iterator
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+
+from scgpt_vcc.evaluate.vcc import cell_eval_evaluator, per_perturbation_table
 
 UPSTREAM_VERSION = "0.2.4"
 INSTALL = f"pip install --no-deps scgpt=={UPSTREAM_VERSION}"
@@ -54,3 +63,24 @@ def upstream_scgpt(**modules: str) -> Iterator[types.SimpleNamespace]:
         sys.modules.update(saved)
         if stub_ipython:
             del sys.modules["IPython"]
+
+
+def plain_cell_eval(
+    real_path: str | Path,
+    pred_path: str | Path,
+    control: str,
+    column: str = "target_gene",
+    threads: int = 1,
+) -> pd.DataFrame:
+    """cell-eval exactly as its users run it (both files in memory); the reference."""
+    with tempfile.TemporaryDirectory() as tmp:
+        evaluator = cell_eval_evaluator(
+            ad.read_h5ad(real_path),
+            ad.read_h5ad(pred_path),
+            control,
+            column,
+            outdir=tmp,
+            num_threads=threads,
+        )
+        results, _ = evaluator.compute(profile="vcc", write_csv=False, break_on_error=True)
+    return per_perturbation_table(results)
