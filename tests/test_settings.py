@@ -1,15 +1,24 @@
-"""The package's settings dataclasses, the config schema and config/config.yaml agree on
-every default they share, so a step run through the CLI behaves as the workflow's."""
+"""The package's settings dataclasses and step functions, the config schema and
+config/config.yaml agree on every default they share, so a step run through the CLI (whose
+options take their defaults from the same signatures) behaves as the workflow's."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from scgpt_vcc.evaluate.run import EvalSettings
+from scgpt_vcc.data.convert import convert_to_gears
+from scgpt_vcc.data.de import compute_de
+from scgpt_vcc.data.qc import write_qc
+from scgpt_vcc.data.splits import build_split
+from scgpt_vcc.data.synthetic import SyntheticSpec
+from scgpt_vcc.evaluate.run import DEFAULT_BASELINE, EvalSettings
+from scgpt_vcc.model.random_checkpoint import write_random_checkpoint
 from scgpt_vcc.predict.run import PredictSettings
 from scgpt_vcc.submission import SubmissionSettings
 from scgpt_vcc.train.config import TrainConfig
@@ -50,3 +59,74 @@ def test_gpu_class_settings_are_left_to_the_class() -> None:
     for section, name in FROM_GPU_CLASS:
         assert properties[name].get("default") is None and CONFIG[section][name] is None
         assert name in SCHEMA["properties"]["gpu_classes"]["additionalProperties"]["required"]
+
+
+def _section(path: str) -> tuple[dict, dict]:
+    """Schema properties and config.yaml values of a dotted config section."""
+    properties, values = SCHEMA, CONFIG
+    for key in path.split("."):
+        properties, values = properties["properties"][key], values[key]
+    return properties["properties"], values
+
+
+@pytest.mark.parametrize(
+    ("section", "step", "fed_otherwise"),
+    [
+        ("synthetic", SyntheticSpec, ()),
+        ("synthetic.checkpoint", write_random_checkpoint, ()),
+        ("convert", convert_to_gears, ()),
+        ("gears", compute_de, ()),
+        # gears.min_cells reaches build_split only with exclude_below_min_cells (0 = keep all).
+        ("gears", build_split, ("min_cells",)),
+        ("gears", write_qc, ()),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+def test_step_defaults_agree(section: str, step: Callable, fed_otherwise: tuple) -> None:
+    """Options with a default that a config key of the same name feeds default to its value."""
+    properties, values = _section(section)
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(step).parameters.items()
+        if name in properties
+        and name not in fed_otherwise
+        and p.default is not inspect.Parameter.empty
+    }
+    assert defaults, f"{step.__name__} takes a setting of {section}"
+    for name, default in defaults.items():
+        default = list(default) if isinstance(default, tuple) else default
+        assert properties[name].get("default") == default, f"schema {section}.{name}"
+        assert values[name] == default, f"config.yaml {section}.{name}"
+
+
+def test_challenge_baseline_agrees() -> None:
+    properties = SCHEMA["properties"]["evaluate"]["properties"]
+    assert properties["challenge_baseline"]["default"] == DEFAULT_BASELINE
+    assert CONFIG["evaluate"]["challenge_baseline"] == DEFAULT_BASELINE
+
+
+def _schema_defaults(schema: dict, path: str = "") -> dict[str, object]:
+    """``{dotted key: default}`` of every schema property that declares one."""
+    defaults = {}
+    for name, prop in schema.get("properties", {}).items():
+        key = f"{path}{name}"
+        if "default" in prop and prop["default"] != {}:  # {}: filled from its properties
+            defaults[key] = prop["default"]
+        defaults.update(_schema_defaults(prop, f"{key}."))
+    return defaults
+
+
+def test_config_yaml_holds_the_schema_defaults() -> None:
+    """config.yaml is the one file of defaults: it sets every key the schema defaults, to
+    that default (and only the inputs, which have none, beyond)."""
+    defaults = _schema_defaults(SCHEMA)
+    assert len(defaults) > 50
+    for key, default in defaults.items():
+        value = CONFIG
+        for part in key.split("."):
+            assert part in value, f"config.yaml lacks {key}"
+            value = value[part]
+        assert value == default, f"config.yaml {key}: {value!r}, schema default {default!r}"
+    undefaulted = {k for k in CONFIG if not any(d.split(".")[0] == k for d in defaults)}
+    assert undefaulted == {"dataset", "raw_adata", "pretrained_dir", "validation_counts",
+                           "gene_names", "seeds"}  # fmt: skip

@@ -128,7 +128,7 @@ def plot_knockdown(report: dict[str, Any], path: Path) -> None:
 
 
 def write_qc(
-    stats_path: str | Path, vocab_path: str | Path, outdir: str | Path, min_cells: int
+    stats_path: str | Path, vocab_path: str | Path, outdir: str | Path, min_cells: int = 50
 ) -> None:
     """Write ``qc.json``, ``cells_per_perturbation.png`` and ``knockdown.png``."""
     outdir = Path(outdir)

@@ -1,0 +1,81 @@
+"""Subcommands that score predictions: per model, over seeds, and the VCC submission."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from scgpt_vcc.cli.options import add_options, call
+from scgpt_vcc.evaluate.run import DEFAULT_BASELINE, EvalSettings, evaluate_predictions
+from scgpt_vcc.evaluate.score import score_submission
+from scgpt_vcc.evaluate.summary import summarize
+from scgpt_vcc.evaluate.vcc import VCC_METRICS
+
+Subparsers = argparse._SubParsersAction
+
+
+def add_evaluate(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "evaluate", help="GEARS/scGPT metrics and cell-eval's VCC metrics of one model type"
+    )
+    p.add_argument("--real", dest="real_path", type=Path, required=True,
+                   help="held-out real cells + controls")  # fmt: skip
+    p.add_argument("--pred", dest="pred_path", type=Path, required=True,
+                   help="predicted cells + controls")  # fmt: skip
+    p.add_argument("--processed", dest="processed_path", type=Path, required=True,
+                   help="perturb_processed.h5ad")  # fmt: skip
+    p.add_argument("--outdir", type=Path, required=True)
+    p.add_argument("--model-type", required=True)
+    p.add_argument("--baseline-metrics", type=Path, default=None, help="train_mean metrics.json")
+    p.add_argument(
+        "--baseline",
+        type=float,
+        nargs=len(VCC_METRICS),
+        metavar=tuple(m.upper() for m in VCC_METRICS),
+        default=[DEFAULT_BASELINE[k] for k in VCC_METRICS],
+        help="challenge-score baseline when --baseline-metrics is not given",
+    )
+    add_options(
+        p,
+        EvalSettings,
+        helps={
+            "chunk_size": "cells read at a time",
+            "vcc_group_size": "perturbations per DE run",
+            "threads": "cell-eval/pdex threads",
+        },
+    )
+    p.set_defaults(
+        handler=lambda a: call(
+            evaluate_predictions,
+            a,
+            settings=call(EvalSettings, a),
+            fallback_baseline=dict(zip(VCC_METRICS, a.baseline, strict=True)),
+        )
+    )
+
+
+def add_summarize(sub: Subparsers) -> None:
+    p = sub.add_parser("summarize", help="mean ± sd over seeds, wins over train_mean, plots")
+    p.add_argument("--eval-dir", type=Path, required=True, help="results/eval/{dataset}")
+    p.add_argument("--seeds", type=int, nargs="+", required=True)
+    p.add_argument("--model-types", nargs="+", required=True)
+    p.add_argument("--out-md", type=Path, required=True)
+    p.add_argument("--out-csv", type=Path, required=True)
+    p.add_argument("--plots-dir", type=Path, default=None)
+    p.set_defaults(handler=lambda a: call(summarize, a))
+
+
+def add_score_submission(sub: Subparsers) -> None:
+    p = sub.add_parser("score-submission", help="score a submission against true held-out cells")
+    p.add_argument("--submission", type=Path, required=True, help="prediction.h5ad")
+    p.add_argument("--baseline", type=Path, required=True,
+                   help="train_mean's prediction.h5ad for the same list")  # fmt: skip
+    p.add_argument("--truth", type=Path, required=True,
+                   help="true cells, converted by convert-to-gears")  # fmt: skip
+    p.add_argument("--output", type=Path, required=True, help="score.json to write")
+    p.add_argument("--control-label", required=True, help="the control value of target_gene")
+    add_options(p, score_submission, helps={"threads": "cell-eval/pdex threads"})
+    p.set_defaults(handler=lambda a: call(score_submission, a))
+
+
+COMMANDS = (add_evaluate, add_summarize, add_score_submission)
