@@ -5,10 +5,11 @@
 For each size it generates a synthetic dataset (2,000 genes, 10 held-out perturbations;
 the truth's control cells are as many as the training data's), converts it, and writes
 the submission of an oracle that predicts the true cells (``tests.submission_support``),
-at the depth estimated from the counts CSV, through ``write_submission_h5ad``; then
-``score_submission`` scores it as the challenge would. A perfect submission has PDS 1,
-MAE 0 and DES 1; the residuals come from the estimated depth and from the two files'
-different control cells (docs/metrics.md). Results go into docs/benchmarks.md by hand.
+at the depth estimated from the counts CSV, through ``write_submission_h5ad``; then the
+workflow's scoring steps (``score_against_truth``) score it as the challenge would. A
+perfect submission has PDS 1, MAE 0 and DES 1; the residuals come from the estimated depth
+and from the two files' different control cells (docs/metrics.md). Results go into
+docs/benchmarks.md by hand.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.submission_support import TruthModel  # noqa: E402
+from tests.submission_support import TruthModel, score_against_truth  # noqa: E402
 
 from scgpt_vcc.data.convert import convert_to_gears  # noqa: E402
 from scgpt_vcc.data.synthetic import SyntheticSpec, write_synthetic_dataset  # noqa: E402
@@ -32,7 +33,6 @@ from scgpt_vcc.predict.run import PredictSettings  # noqa: E402
 from scgpt_vcc.submission import (  # noqa: E402
     SubmissionSettings,
     estimate_target_sum,
-    score_submission,
     write_submission_h5ad,
 )
 
@@ -54,7 +54,7 @@ def score_truth(n_cells: int, workdir: Path) -> dict[str, float]:
     settings, fast = SubmissionSettings(model_type="train_mean"), PredictSettings()
     model = TruthModel(truth, float(data.target_sum))
     write_submission_h5ad(data, model, counts, genes, folder / "pred.h5ad", settings, fast)
-    result = score_submission(
+    result = score_against_truth(
         folder / "pred.h5ad", truth, folder / "converted.h5ad", split, counts, genes,
         folder / "score.json", settings, fast,
     )  # fmt: skip

@@ -1,14 +1,21 @@
-"""An oracle model for the submission path: it predicts the true held-out cells."""
+"""The submission path in tests: an oracle model that predicts the true held-out cells, and
+the workflow's scoring steps in one call."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
+from scgpt_vcc.data.convert import convert_to_gears
+from scgpt_vcc.evaluate.score import score_submission
+from scgpt_vcc.predict.cells import ExpressionData
 from scgpt_vcc.predict.population import ControlReference, PopulationMean
+from scgpt_vcc.predict.run import PredictSettings
+from scgpt_vcc.submission import SubmissionSettings, submission_model, write_submission_h5ad
 
 
 class TruthModel:
@@ -36,3 +43,30 @@ class TruthModel:
         self, targets: Sequence[str], reference: ControlReference
     ) -> PopulationMean:
         return PopulationMean(self.cells_of[targets[0]].mean(axis=0, dtype=np.float64))
+
+
+def score_against_truth(
+    submission: Path,
+    truth_counts: Path,
+    data_path: Path,
+    split: Path,
+    counts_csv: Path,
+    gene_names: Path,
+    output: Path,
+    settings: SubmissionSettings,
+    predict_settings: PredictSettings,
+) -> dict:
+    """What the workflow does after a submission on synthetic data: rule
+    convert_submission_truth, train_mean's submission (rule submission_baseline), then
+    rule score_submission."""
+    folder = output.parent
+    truth = folder / f"{output.stem}_truth.h5ad"
+    convert_to_gears(truth_counts, truth, target_sum=None)
+    baseline = folder / f"{output.stem}_train_mean.h5ad"
+    base_settings = replace(settings, model_type="train_mean")
+    data = ExpressionData(data_path)
+    model = submission_model(data, split, base_settings, predict_settings)
+    write_submission_h5ad(
+        data, model, counts_csv, gene_names, baseline, base_settings, predict_settings
+    )
+    return score_submission(submission, baseline, truth, output, data.control_label)

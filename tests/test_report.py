@@ -34,7 +34,7 @@ def test_demo_end_to_end_and_report(workflow_dir: Path) -> None:
     # The submission's model trained on every training perturbation, not on a seed's split.
     run_log = (workflow_dir / "results/models/demo/submission/scgpt_finetuned/run.log").read_text()
     assert "split demo_all_train_1_0.75.pkl" in run_log
-    submission = workflow_dir / "results/submission/demo"
+    submission = workflow_dir / "results/submission/demo/scgpt_finetuned"
     assert json.loads((submission / "submission.json").read_text())["split"].endswith(
         "demo_all_train_1_0.75.pkl"
     )
@@ -60,5 +60,5 @@ def test_demo_end_to_end_and_report(workflow_dir: Path) -> None:
         assert name in html, name
     # The rule graph: every rule of the run is a node of the embedded graph.
     rules = ("finetune", "finetune_submission", "predict_scgpt", "predict_baseline", "evaluate")
-    for rule in (*rules, "submission", "summarize_eval"):
+    for rule in (*rules, "submission_scgpt", "score_submission", "summarize_eval"):
         assert f'"rule": "{rule}"' in html, rule

@@ -22,11 +22,10 @@ from scgpt_vcc.submission import (
     cap_cell_counts,
     estimate_target_sum,
     make_submission,
-    score_submission,
     submission_model,
     write_submission_h5ad,
 )
-from tests.submission_support import TruthModel
+from tests.submission_support import TruthModel, score_against_truth
 
 torch.set_num_threads(1)
 FAST = PredictSettings(seed=1, batch_size=64)
@@ -151,7 +150,7 @@ def test_submitting_the_truth_scores_perfectly(
         model = TruthModel(tmp_path / "truth.h5ad", float(data.target_sum))
         out = tmp_path / f"{name}.h5ad"
         write_submission_h5ad(data, model, *args, out, settings, FAST)
-        scores[name] = score_submission(
+        scores[name] = score_against_truth(
             out, tmp_path / "truth.h5ad", converted_path, all_train, *args,
             tmp_path / f"{name}.json", settings, FAST,
         )  # fmt: skip
@@ -173,7 +172,7 @@ def test_demo_submission_gets_a_real_score(
     settings = SubmissionSettings(model_type="linear")
     args = (synthetic_dir / "validation.csv", synthetic_dir / "genes.csv")
     _write(converted_path, all_train, *args, tmp_path / "pred.h5ad", settings)
-    result = score_submission(
+    result = score_against_truth(
         tmp_path / "pred.h5ad", synthetic_dir / "truth.h5ad", converted_path, all_train, *args,
         tmp_path / "score.json", settings, FAST,
     )  # fmt: skip

@@ -75,7 +75,7 @@ def test_second_run_does_nothing(finished_copy: Path) -> None:
         (["compute_de"], {"gears": {"chunk_size": 123}}),
         (["finetune", "finetune_submission"], {"train": {"lr": 0.0003}}),
         (["finetune", "finetune_submission"], {"gpu_class": "titanrtx"}),
-        (["submission"], {"submission": {"max_cells": 5000}}),
+        (["submission_scgpt", "submission_baseline"], {"submission": {"max_cells": 5000}}),
     ],
     ids=["de-chunk-size", "learning-rate", "gpu-class", "submission-cap"],
 )

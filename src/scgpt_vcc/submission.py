@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ from scipy.stats import norm
 from scgpt_vcc.data.gears import read_split
 from scgpt_vcc.data.genes import read_gene_list
 from scgpt_vcc.errors import InputError
+from scgpt_vcc.evaluate.score import SUBMISSION_UNS
 from scgpt_vcc.io import write_json_atomic
 from scgpt_vcc.predict.cells import ExpressionData, Group, sample_controls, write_cells
 from scgpt_vcc.predict.population import CellModel
@@ -262,7 +262,7 @@ def write_submission_h5ad(
         batch_size=predict_settings.batch_size,
         columns=columns,
         var=pd.DataFrame(index=pd.Index(gene_names)),
-        uns={"scgpt_vcc_submission": {k: v for k, v in info.items() if v is not None}},
+        uns={SUBMISSION_UNS: {k: v for k, v in info.items() if v is not None}},
         depth_factor=target_sum / training_sum,
     )
     return {
@@ -342,60 +342,3 @@ def make_submission(
     write_json_atomic(outdir / SUMMARY_FILE, summary)
     log.info("submission: %d cells, %s (%d bytes)", summary["total_cells"], vcc, vcc.stat().st_size)
     return summary
-
-
-def score_submission(
-    submission_h5ad: str | Path,
-    truth_counts: str | Path,
-    data_path: str | Path,
-    split_path: str | Path,
-    counts_csv: str | Path,
-    gene_names_path: str | Path,
-    output: str | Path,
-    settings: SubmissionSettings,
-    predict_settings: PredictSettings,
-    threads: int = 1,
-) -> dict[str, Any]:
-    """Score a submission against true held-out cells (synthetic demo), as the challenge does.
-
-    The truth (raw counts) is normalised as cell-eval normalises counts: to its own median
-    total count, then log1p. DES, PDS and MAE come from the evaluation module (cell-eval);
-    the challenge score is against the cell-mean baseline (``train_mean``) fitted on the
-    same training perturbations and submitted the same way.
-    """
-    from scgpt_vcc.data.convert import convert_to_gears
-    from scgpt_vcc.evaluate.means import group_means
-    from scgpt_vcc.evaluate.vcc import VCC_METRICS, challenge_score, vcc_metrics
-
-    data = ExpressionData(data_path)
-    control = data.control_label
-    with tempfile.TemporaryDirectory() as tmp:
-        truth = Path(tmp) / "truth.h5ad"
-        convert_to_gears(truth_counts, truth, control_label=control, target_sum=None)
-        baseline = Path(tmp) / "baseline.h5ad"
-        base_settings = SubmissionSettings(**{**asdict(settings), "model_type": "train_mean"})
-        base_model = submission_model(data, split_path, base_settings, predict_settings)
-        write_submission_h5ad(
-            data, base_model, counts_csv, gene_names_path, baseline, base_settings,
-            predict_settings,
-        )  # fmt: skip
-        real_means = group_means(truth, "target_gene")
-        tables = {}
-        for name, path in (("model", Path(submission_h5ad)), ("baseline", baseline)):
-            tables[name] = vcc_metrics(
-                truth, path, real_means, group_means(path, "target_gene"), control, threads=threads
-            )
-    model = {k: float(tables["model"][k].mean()) for k in VCC_METRICS}
-    base = {k: float(tables["baseline"][k].mean()) for k in VCC_METRICS}
-    result = {
-        "model_type": settings.model_type,
-        **model,
-        **challenge_score(model, base),
-        "baseline": base,
-        "per_perturbation": tables["model"].to_dict(orient="index"),
-    }
-    write_json_atomic(output, result)
-    log.info(
-        "submission score: %s", {k: round(result[k], 4) for k in (*VCC_METRICS, "challenge_score")}
-    )
-    return result

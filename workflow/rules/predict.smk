@@ -18,15 +18,14 @@ rule predict_baseline:
     wildcard_constraints:
         model_type="|".join(baseline_model_types()),
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     threads: PREDICT_CFG["threads"]
     params:
-        model=lambda w: cli_options(model_dir=model_dir(w.model_type, w.seed)),
-        options=lambda w: predict_options(w.model_type),
+        options=lambda w: predict_options(w.model_type, w.seed),
     shell:
         "scgpt-vcc predict --model-type {wildcards.model_type} --data {input.data}"
         " --split {input.split} --pairing {input.pairing} --seed {wildcards.seed}"
-        " --output {output.h5ad} --threads {threads} {params.model} {params.options} 2> {log}"
+        " --output {output.h5ad} --threads {threads} {params.options} 2> {log}"
 
 
 use rule predict_baseline as predict_scgpt with:
@@ -46,10 +45,12 @@ rule heldout_real:
         h5ad=f"{PREDICTIONS_DIR}/seed{{seed}}/real.h5ad",
     log:
         f"logs/{DATASET}/heldout_real_seed{{seed}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/heldout_real_seed{{seed}}.tsv"
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     params:
-        options=predict_options(),
+        options=heldout_real_options(),
     shell:
         "scgpt-vcc heldout-real --data {input.data} --split {input.split}"
         " --pairing {input.pairing} --seed {wildcards.seed} --output {output.h5ad}"

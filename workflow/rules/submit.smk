@@ -1,66 +1,89 @@
 # Virtual Cell Challenge submission: predicted cells for the listed perturbations plus the
-# training controls, packed into a .vcc file by cell-eval prep. Its model is trained or
-# fitted on every training perturbation (the all_train split), not on an evaluation seed.
+# training controls, packed into a .vcc file by cell-eval prep, in one folder per model
+# type. Its model is trained or fitted on every training perturbation (the all_train
+# split), not on an evaluation seed. With synthetic data the true cells are known, and the
+# submission of submission.model is scored against them and against train_mean's.
 
 
-rule submission:
+rule submission_baseline:
     input:
         data=f"{GEARS_DIR}/perturb_processed.h5ad",
         split=SUBMISSION_SPLIT_FILE,
         counts=submission_counts(),
         gene_names=config["gene_names"],
-        model=model_files(SUBMIT_CFG["model"]),
+        model=lambda w: model_files(w.model_type),
     output:
-        h5ad=f"{SUBMISSION_DIR}/prediction.h5ad",
-        vcc=f"{SUBMISSION_DIR}/prediction.prep.vcc",
+        h5ad=f"{SUBMISSION_DIR}/{{model_type}}/prediction.h5ad",
+        vcc=f"{SUBMISSION_DIR}/{{model_type}}/prediction.prep.vcc",
         summary=report(
-            f"{SUBMISSION_DIR}/submission.json",
+            f"{SUBMISSION_DIR}/{{model_type}}/submission.json",
             category="VCC submission",
             caption="../report/submission.rst",
         ),
     log:
-        f"logs/{DATASET}/submission.log",
+        f"logs/{DATASET}/submission_{{model_type}}.log",
     benchmark:
-        f"benchmarks/{DATASET}/submission.tsv"
+        f"benchmarks/{DATASET}/submission_{{model_type}}.tsv"
+    wildcard_constraints:
+        model_type=r"(?!scgpt)\w+",
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     threads: PREDICT_CFG["threads"]
-    resources:
-        **submission_resources(),
     params:
         outdir=lambda w, output: Path(output.vcc).parent,
-        options=submission_options(),
+        options=lambda w: submission_options(w.model_type),
     shell:
         "scgpt-vcc submission --data {input.data} --split {input.split} --counts {input.counts}"
         " --gene-names {input.gene_names} --outdir {params.outdir} --threads {threads}"
         " {params.options} 2> {log}"
 
 
+use rule submission_baseline as submission_scgpt with:
+    wildcard_constraints:
+        model_type=r"scgpt\w*",
+    resources:
+        gpu=1,
+        gpu_model=GPU["slurm_gpu"],
+
+
 if SYNTHETIC:
+
+    rule convert_submission_truth:
+        input:
+            adata=f"resources/{DATASET}/adata_Validation_truth.h5ad",
+        output:
+            adata=f"{SUBMISSION_DIR}/truth.h5ad",
+        log:
+            f"logs/{DATASET}/convert_submission_truth.log",
+        conda:
+            "../envs/scgpt-vcc.yaml"
+        params:
+            # cell-eval normalises the real counts it scores to their own median depth.
+            options=convert_options(target_sum=None),
+        shell:
+            "scgpt-vcc convert-to-gears {input.adata} {output.adata} {params.options} 2> {log}"
 
     rule score_submission:
         input:
-            submission=f"{SUBMISSION_DIR}/prediction.h5ad",
-            truth=f"resources/{DATASET}/adata_Validation_truth.h5ad",
-            data=f"{GEARS_DIR}/perturb_processed.h5ad",
-            split=SUBMISSION_SPLIT_FILE,
-            counts=submission_counts(),
-            gene_names=config["gene_names"],
+            submission=f"{SUBMISSION_DIR}/{{model_type}}/prediction.h5ad",
+            baseline=f"{SUBMISSION_DIR}/{BASELINE_MODEL}/prediction.h5ad",
+            truth=f"{SUBMISSION_DIR}/truth.h5ad",
         output:
             score=report(
-                f"{SUBMISSION_DIR}/score.json",
+                f"{SUBMISSION_DIR}/{{model_type}}/score.json",
                 category="VCC submission",
                 caption="../report/submission_score.rst",
             ),
         log:
-            f"logs/{DATASET}/score_submission.log",
+            f"logs/{DATASET}/score_submission_{{model_type}}.log",
+        benchmark:
+            f"benchmarks/{DATASET}/score_submission_{{model_type}}.tsv"
         conda:
-            "../../envs/scgpt-vcc.yaml"
-        threads: PREDICT_CFG["threads"]
+            "../envs/scgpt-vcc.yaml"
+        threads: EVAL_CFG["threads"]
         params:
-            options=submission_options(),
+            control_label=config["control_label"],
         shell:
-            "scgpt-vcc score-submission --submission {input.submission} --truth {input.truth}"
-            " --data {input.data} --split {input.split} --counts {input.counts}"
-            " --gene-names {input.gene_names}"
-            " --output {output.score} --threads {threads} {params.options} 2> {log}"
+            "scgpt-vcc score-submission --submission {input.submission}"
+            " --baseline {input.baseline} --truth {input.truth} --output {output.score}"
+            " --control-label {params.control_label} --threads {threads} 2> {log}"
