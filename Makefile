@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[test]"
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[workflow,test]"
 	# Upstream scGPT is the test oracle for our model; its own dependencies (torchtext)
 	# no longer load with current torch, so it is installed without them.
 	$(BIN)/python -m pip install --quiet --no-deps "scgpt==0.2.4"

@@ -53,7 +53,7 @@ def converted_path(synthetic_dir: Path) -> Path:
 
 def copy_workflow(dest: Path) -> Path:
     """Copy what a workflow run needs (not results/) into ``dest``; return ``dest``."""
-    for name in ("workflow", "config", "profiles", "envs"):
+    for name in ("workflow", "config", "profiles"):
         if (REPO / name).exists():
             shutil.copytree(REPO / name, dest / name)
     shutil.copytree(REPO / "resources" / "reference", dest / "resources" / "reference")

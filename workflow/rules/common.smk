@@ -7,6 +7,15 @@ from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+# --sdm conda: ../envs/scgpt-vcc.post-deploy.sh installs the package from this repository.
+# Snakemake runs a copy of that script from .snakemake/conda/, in the working directory,
+# so the repository's path (the folder above workflow/) reaches it from here. A workflow
+# read from elsewhere than a local checkout leaves it unset, and the script says so.
+# (Set, not read, so the envvars directive, which asserts variables the user sets, is no fit.)
+_REPO = Path(workflow.basedir).parent
+if (_REPO / "pyproject.toml").is_file():
+    os.environ.update(SCGPT_VCC_REPO=str(_REPO.resolve()))
+
 
 # Wildcards that mean the same in every rule; model_type differs per rule (baseline or scGPT).
 wildcard_constraints:
@@ -56,18 +65,29 @@ def check_real_inputs():
             raise WorkflowError(
                 f"config key '{key}': {', '.join(missing)} does not exist. "
                 f"Download {REAL_INPUT_SOURCES[key]} and put it there, or point '{key}' "
-                "at your copy (or set synthetic.enabled: true to use generated demo data)."
+                "at your copy (or run the bundled demo on generated data: "
+                "--configfile config/demo.yaml)."
             )
 
 
 def cli_options(**options):
-    """Render keyword options as CLI flags: a_b=1 -> --a-b 1; None is left out."""
+    """Render keyword options as CLI flags: a_b=1 -> --a-b 1. A config null is passed as
+    'none' (the CLI's word for no value), never left to the CLI's default."""
     flags = []
     for key, value in options.items():
-        if value is None:
-            continue
-        flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+        text = "none" if value is None else str(value)
+        flags.append(f"--{key.replace('_', '-')} {shlex.quote(text)}")
     return " ".join(flags)
+
+
+def convert_options(**overrides):
+    """convert-to-gears options: the dataset's labels and the convert section."""
+    return cli_options(
+        cell_type=config["cell_type"],
+        control_label=config["control_label"],
+        perturbation_column=config["perturbation_column"],
+        **{**config["convert"], **overrides},
+    )
 
 
 def synthetic_dataset_options():
@@ -119,6 +139,8 @@ def check_gpu_requests():
     The GPU rules take gpu_model from gpu_class, so the request and the training settings
     always agree; a gpu_model or typed gres set outside config would silently break that.
     """
+    # Snakemake's ResourceSettings (snakemake.settings.types, the type of its public API):
+    # the only place where --set-resources and --default-resources reach a Snakefile.
     settings = workflow.resource_settings
     overrides = settings.overwrite_resources.items()
     pinned = {f"set-resources of {r}": resources for r, resources in overrides}
@@ -168,7 +190,7 @@ def split_outputs(seed, split=GEARS_CFG["split"]):
 
 def split_options(split):
     """build-split options: GEARS's splitter settings and the small-perturbation filter."""
-    min_cells = GEARS_CFG["min_cells"] if GEARS_CFG["exclude_below_min_cells"] else None
+    min_cells = GEARS_CFG["min_cells"] if GEARS_CFG["exclude_below_min_cells"] else 0
     return cli_options(
         name=DATASET,
         split=split,
@@ -342,39 +364,49 @@ def finetune_outputs():
     return [f"{folder}/{name}" for folder in trained for name in TRAINED_FILES]
 
 
-def submission_resources():
-    """A GPU of the gpu_class when an scGPT model makes the submission, else none."""
-    if is_scgpt(SUBMIT_CFG["model"]):
-        return {"gpu": 1, "gpu_model": GPU["slurm_gpu"]}
-    return {}
+# Settings of the predicted cells (how many), as opposed to those of the models.
+CELL_SETTINGS = ("n_cells", "n_control_cells")
 
 
-def predict_options(model_type=None):
-    """Options of predict; an scGPT model also gets the training's GPU precision."""
+def model_settings(model_type):
+    """predict's model settings; an scGPT model also gets the training's GPU precision."""
+    settings = {
+        k: v
+        for k, v in PREDICT_CFG.items()
+        if k not in ("model_types", "threads", *CELL_SETTINGS)
+    }
+    if is_scgpt(model_type):
+        settings["precision"] = gpu_precision()
+    return settings
+
+
+def predict_options(model_type, seed):
+    folder = model_dir(model_type, seed)
     return cli_options(
-        precision=gpu_precision() if model_type and is_scgpt(model_type) else None,
-        **{k: v for k, v in PREDICT_CFG.items() if k not in ("model_types", "threads")},
+        **({"model_dir": folder} if folder else {}),
+        **model_settings(model_type),
+        **{k: PREDICT_CFG[k] for k in CELL_SETTINGS},
     )
+
+
+def heldout_real_options():
+    return cli_options(**{k: PREDICT_CFG[k] for k in CELL_SETTINGS})
 
 
 def submission_counts():
     return SUBMIT_CFG["counts_csv"] or config["validation_counts"]
 
 
-def submission_options():
+def submission_options(model_type):
+    folder = model_dir(model_type)
     return cli_options(
-        model_type=SUBMIT_CFG["model"],
-        model_dir=model_dir(SUBMIT_CFG["model"]),
+        model_type=model_type,
+        **({"model_dir": folder} if folder else {}),
         max_cells=SUBMIT_CFG["max_cells"],
         min_control_cells=SUBMIT_CFG["min_control_cells"],
         target_sum=SUBMIT_CFG["target_sum"],
         seed=SUBMISSION_SEED,
-        precision=gpu_precision() if is_scgpt(SUBMIT_CFG["model"]) else None,
-        **{
-            k: v
-            for k, v in PREDICT_CFG.items()
-            if k not in ("model_types", "threads", "n_cells", "n_control_cells")
-        },
+        **model_settings(model_type),
     )
 
 
@@ -386,13 +418,15 @@ def prediction_outputs():
     ]
 
 
+def submission_dir(model_type):
+    return f"{SUBMISSION_DIR}/{model_type}"
+
+
 def submission_outputs():
-    outputs = [
-        f"{SUBMISSION_DIR}/prediction.prep.vcc",
-        f"{SUBMISSION_DIR}/submission.json",
-    ]
+    folder = submission_dir(SUBMIT_CFG["model"])
+    outputs = [f"{folder}/prediction.prep.vcc", f"{folder}/submission.json"]
     if SYNTHETIC:
-        outputs.append(f"{SUBMISSION_DIR}/score.json")
+        outputs.append(f"{folder}/score.json")
     return outputs
 
 

@@ -12,15 +12,8 @@ rule convert_to_gears:
     benchmark:
         f"benchmarks/{DATASET}/convert_to_gears.tsv"
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     params:
-        options=cli_options(
-            cell_type=config["cell_type"],
-            control_label=config["control_label"],
-            perturbation_column=config["perturbation_column"],
-            target_sum=config["convert"]["target_sum"],
-            chunk_size=config["convert"]["chunk_size"],
-            drop_missing_labels=config["convert"]["drop_missing_labels"],
-        ),
+        options=convert_options(),
     shell:
         "scgpt-vcc convert-to-gears {input.adata} {output.adata} {params.options} 2> {log}"

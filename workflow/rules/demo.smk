@@ -14,7 +14,7 @@ if SYNTHETIC:
         benchmark:
             f"benchmarks/{DATASET}/make_synthetic_dataset.tsv"
         conda:
-            "../../envs/scgpt-vcc.yaml"
+            "../envs/scgpt-vcc.yaml"
         params:
             options=synthetic_dataset_options(),
         shell:
@@ -31,7 +31,7 @@ if SYNTHETIC:
         log:
             f"logs/{DATASET}/make_synthetic_checkpoint.log",
         conda:
-            "../../envs/scgpt-vcc.yaml"
+            "../envs/scgpt-vcc.yaml"
         params:
             outdir=lambda wildcards, output: Path(output.files[0]).parent,
             options=synthetic_checkpoint_options(),

@@ -19,7 +19,7 @@ rule evaluate:
     wildcard_constraints:
         model_type="|".join(EVAL_CFG["model_types"]),
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     threads: EVAL_CFG["threads"]
     resources:
         mem_mb=EVAL_CFG["mem_mb"],
@@ -64,7 +64,7 @@ rule summarize_eval:
     log:
         f"logs/{DATASET}/summarize_eval.log",
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     params:
         seeds=" ".join(str(s) for s in config["seeds"]),
         models=" ".join(EVAL_CFG["model_types"]),

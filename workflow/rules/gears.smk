@@ -13,7 +13,7 @@ rule compute_de:
     benchmark:
         f"benchmarks/{DATASET}/compute_de.tsv"
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     params:
         options=cli_options(chunk_size=GEARS_CFG["chunk_size"]),
     shell:
@@ -33,7 +33,7 @@ rule download_gears_go:
     log:
         "logs/download_gears_go.log",
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     params:
         outdir=lambda w, output: Path(output.gene2go).parent,
     shell:
@@ -49,7 +49,7 @@ rule go_filter:
     log:
         f"logs/{DATASET}/go_filter.log",
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     params:
         options=cli_options(
             gears_dir=GEARS_CFG["go_dir"] if GEARS_CFG["go_filter"] else None
@@ -65,8 +65,10 @@ rule pair_controls:
         pairing=f"{GEARS_DIR}/data_pyg/pairing_seed{{seed}}.npz",
     log:
         f"logs/{DATASET}/pair_controls_seed{{seed}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/pair_controls_seed{{seed}}.tsv"
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     shell:
         "scgpt-vcc pair-controls {input.adata} {output.pairing} --seed {wildcards.seed} 2> {log}"
 
@@ -83,7 +85,7 @@ rule write_cell_graphs:
     benchmark:
         f"benchmarks/{DATASET}/write_cell_graphs.tsv"
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     shell:
         "scgpt-vcc write-cell-graphs {input.adata} {output.pickle} --pairing {input.pairing} "
         "--go-filter {input.go} 2> {log}"
@@ -98,7 +100,7 @@ rule build_split:
     log:
         f"logs/{DATASET}/build_split_seed{{seed}}.log",
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     params:
         outdir=lambda w, output: Path(output[0]).parent,
         seed=lambda w: w.seed,
@@ -142,8 +144,10 @@ rule data_qc:
         ),
     log:
         f"logs/{DATASET}/data_qc.log",
+    benchmark:
+        f"benchmarks/{DATASET}/data_qc.tsv"
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     params:
         outdir=lambda w, output: Path(output.report).parent,
         options=cli_options(min_cells=GEARS_CFG["min_cells"]),

@@ -17,7 +17,7 @@ rule finetune:
     wildcard_constraints:
         model_type="|".join(scgpt_model_types()) or "scgpt_finetuned",
     conda:
-        "../../envs/scgpt-vcc.yaml"
+        "../envs/scgpt-vcc.yaml"
     threads: TRAIN_CFG["threads"]
     resources:
         **finetune_resources(),
