@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -177,7 +179,8 @@ def test_cells_without_label_can_be_dropped(
     # the same as converting a file of the labelled cells only (target_sum included)
     reference_summary = convert_to_gears(tmp_path / "labelled.h5ad", tmp_path / "ref.h5ad")
     reference = ad.read_h5ad(tmp_path / "ref.h5ad")
-    assert summary == reference_summary
+    assert replace(summary, n_unlabelled_cells=0) == reference_summary
+    assert summary.n_unlabelled_cells == 6
     assert (out.X != reference.X).nnz == 0
     pd.testing.assert_frame_equal(out.obs, reference.obs, check_categorical=False)
 
@@ -190,6 +193,52 @@ def test_cli_parses_drop_missing_labels(tmp_path: Path) -> None:
     assert not (tmp_path / "out.h5ad").exists()
     assert main([*args, "--drop-missing-labels", "True"]) == 0
     assert ad.read_h5ad(tmp_path / "out.h5ad").n_obs == len(kept)
+
+
+def test_excluded_labels_and_empty_cells_are_left_out_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guide calls that name no gene (exclude_labels) and cells without a count leave the
+    data with a logged count; what remains equals a file of the kept cells converted."""
+    caplog.set_level(logging.INFO, logger="scgpt_vcc")
+    nt = "non-targeting"
+    labels = [nt, "G1", "unassigned", nt, "multiplet", "G1", "unassigned", nt, "G2", nt]
+    counts = np.random.default_rng(1).poisson(3.0, size=(10, 4)).astype(np.float32) + 1
+    counts[[3, 5]] = 0  # a control and a G1 cell without counts
+    obs = pd.DataFrame({"target_gene": labels}, index=[f"c{i}" for i in range(10)])
+    adata = ad.AnnData(
+        sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=["G0", "G1", "G2", "G3"])
+    )
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    kept = [0, 1, 7, 8, 9]
+    adata[kept].write_h5ad(tmp_path / "kept.h5ad")
+    summary = convert_to_gears(
+        tmp_path / "in.h5ad", tmp_path / "out.h5ad", chunk_size=3,
+        exclude_labels=["unassigned", "multiplet", "doublet"],
+    )  # fmt: skip
+    assert "leaving out 2 cells labelled 'unassigned' (exclude_labels)" in caplog.text
+    assert "leaving out 1 cells labelled 'multiplet'" in caplog.text
+    assert "no cell is labelled 'doublet'" in caplog.text
+    assert "leaving out 2 cells with no counts" in caplog.text
+    assert (summary.n_excluded_cells, summary.n_empty_cells, summary.n_cells) == (3, 2, 5)
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert list(out.obs_names) == [f"c{i}" for i in kept]
+    assert np.isfinite(out.X.toarray()).all()
+    assert out.uns["scgpt_vcc"]["n_excluded_cells"] == 3
+    reference = convert_to_gears(tmp_path / "kept.h5ad", tmp_path / "ref.h5ad")
+    assert replace(summary, n_excluded_cells=0, n_empty_cells=0) == reference
+    assert (out.X != ad.read_h5ad(tmp_path / "ref.h5ad").X).nnz == 0
+    # through the CLI, as the workflow passes a list
+    args = ["convert-to-gears", str(tmp_path / "in.h5ad"), str(tmp_path / "cli.h5ad")]
+    assert main([*args, "--exclude-labels", "unassigned", "multiplet"]) == 0
+    assert ad.read_h5ad(tmp_path / "cli.h5ad").n_obs == 5
+
+
+def test_excluding_the_control_label_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, np.ones((4, 3), dtype=np.float32))
+    with pytest.raises(InputError, match="convert.exclude_labels: lists the control label"):
+        convert_to_gears(path, tmp_path / "out.h5ad", exclude_labels=["non-targeting"])
+    assert not (tmp_path / "out.h5ad").exists()
 
 
 def test_interrupted_conversion_leaves_no_output(

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from scgpt_vcc.io import H5adStreamWriter, atomic_path, iter_row_chunks
+from scgpt_vcc.io import H5adStreamWriter, atomic_path, iter_row_chunks, row_chunk_bounds
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path: Path) -> None:
@@ -71,6 +71,35 @@ def test_stream_writer_round_trip(tmp_path: Path) -> None:
     chunks = list(iter_row_chunks(tmp_path / "x.h5ad", 4, key="layers/counts"))
     assert [start for start, _ in chunks] == [0, 4, 8]
     np.testing.assert_array_equal(sp.vstack([c for _, c in chunks]).toarray(), 2 * expected)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_row_chunks_are_bounded_by_bytes_as_well_as_rows(tmp_path: Path, dense: bool) -> None:
+    """Wide or dense rows make smaller chunks: each holds at most max_bytes of values and
+    indices (or one row), and together they are the whole matrix in order."""
+    rng = np.random.default_rng(0)
+    widths = rng.integers(0, 50, size=40)  # stored entries per row, 0 to 49
+    rows = [sp.csr_matrix((np.ones(w, np.float32), (np.zeros(w), np.arange(w))), shape=(1, 60))
+            for w in widths]  # fmt: skip
+    matrix = sp.vstack(rows).tocsr()
+    adata = ad.AnnData(matrix.toarray() if dense else matrix)
+    adata.write_h5ad(tmp_path / "x.h5ad")
+    entry = 4 if dense else 4 + 4  # float32 value (+ int32 index)
+    budget = 100 * entry
+    chunks = list(iter_row_chunks(tmp_path / "x.h5ad", 25, max_bytes=budget))
+    assert len(chunks) > 40 / 25 + 1, "bytes, not rows, cut most chunks"
+    for start, chunk in chunks:
+        stored = chunk.shape[0] * 60 if dense else widths[start : start + chunk.shape[0]].sum()
+        assert chunk.shape[0] <= 25 and (stored * entry <= budget or chunk.shape[0] == 1)
+    assert [s for s, _ in chunks] == list(np.cumsum([0] + [c.shape[0] for _, c in chunks])[:-1])
+    np.testing.assert_array_equal(sp.vstack([c for _, c in chunks]).toarray(), matrix.toarray())
+
+
+def test_row_chunk_bounds_take_as_many_rows_as_fit() -> None:
+    ends = np.cumsum([3, 3, 10, 0, 0, 1, 4])
+    assert list(row_chunk_bounds(ends, 100, 6)) == [(0, 2), (2, 3), (3, 7)]
+    assert list(row_chunk_bounds(ends, 2, 1000)) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert list(row_chunk_bounds(np.array([], dtype=np.int64), 5, 5)) == []
 
 
 def test_stream_writer_refuses_incomplete_matrix(tmp_path: Path) -> None:

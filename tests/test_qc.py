@@ -12,15 +12,15 @@ import pytest
 import scipy.sparse as sp
 
 from scgpt_vcc.data.de import compute_de, load_stats
-from scgpt_vcc.data.qc import qc_report
+from scgpt_vcc.data.qc import qc_report, write_qc
 from scgpt_vcc.errors import InputError
 
 GENES = ["G0", "G1", "G2"]
 
 
-def _gears_h5ad(path: Path) -> Path:
+def _gears_h5ad(path: Path, perturbed: tuple[str, ...] = ("G1+ctrl",) * 4) -> Path:
     """4 control and 4 'G1+ctrl' cells; G1's normalised counts average 10 and 0.8."""
-    conditions = ["ctrl"] * 4 + ["G1+ctrl"] * 4
+    conditions = ["ctrl"] * 4 + list(perturbed)
     counts = np.array(
         [[5.0, 8.0, 3.0], [7.0, 12.0, 2.0]] * 2 + [[5.0, 0.6, 3.0], [7.0, 1.0, 2.0]] * 2
     )
@@ -77,3 +77,21 @@ def test_stats_from_an_older_compute_de_are_named(
     np.savez(tmp_path / "old.npz", **stats)
     with pytest.raises(InputError, match=r"old\.npz: mean_normalized_counts: is missing"):
         qc_report(tmp_path / "old.npz", vocab, min_cells=1)
+
+
+def test_labels_that_are_no_gene_are_named_with_the_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A target outside the measured genes may still be a gene the vocabulary knows
+    (TP53); a label known to neither is a guide call to exclude at conversion."""
+    perturbed = ("TP53+ctrl", "TP53+ctrl", "unassigned+ctrl", "unassigned+ctrl")
+    converted = _gears_h5ad(tmp_path / "converted.h5ad", perturbed)
+    stats = tmp_path / "stats.npz"
+    compute_de(converted, tmp_path / "processed.h5ad", stats, chunk_size=3)
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({g: i for i, g in enumerate([*GENES, "TP53"])}))
+    write_qc(stats, vocab, tmp_path / "qc", min_cells=1)
+    report = json.loads((tmp_path / "qc" / "qc.json").read_text())
+    assert report["targets_not_measured"] == ["TP53", "unassigned"]
+    assert report["labels_not_genes"] == ["unassigned"]
+    assert "['unassigned']" in caplog.text and "convert.exclude_labels" in caplog.text

@@ -7,12 +7,15 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,6 +24,7 @@ from scgpt_vcc.errors import InputError
 from scgpt_vcc.model.checkpoint import DEFAULT_LOAD_PREFIXES, read_state_dict
 from scgpt_vcc.model.loading import load_finetuned
 from scgpt_vcc.model.transformer import TransformerGenerator
+from scgpt_vcc.predict.run import PredictSettings, predict_heldout
 from scgpt_vcc.train.config import LOAD_PREFIXES, TrainConfig
 from scgpt_vcc.train.loop import finetune
 from scgpt_vcc.train.precision import fit_micro_batch, resolve_precision
@@ -206,3 +210,30 @@ def test_scratch_run_loads_nothing_from_the_checkpoint(train_inputs, tmp_path):
     log = (out / "run.log").read_text()
     assert "loaded 0 tensors" in log
     assert "split split_noval.pkl:" in log
+
+
+def test_a_panel_smaller_than_the_sequence_length_trains_on_every_gene(train_inputs, tmp_path):
+    """Targeted panels have fewer genes (here 400) than the default max_seq_len (1,536):
+    every step then sees all genes, and training runs with the defaults."""
+    defaults = TrainConfig()
+    assert defaults.max_seq_len > 400
+    cfg = TrainConfig(epochs=1, workers=0, batch_size=64, accumulation=1)
+    out = run_finetune(train_inputs, tmp_path / "model", cfg, split="split_noval")
+    losses = pd.read_csv(out / "steps.csv")["loss"]
+    assert len(losses) > 10 and losses.notna().all() and (losses > 0).all()
+    genes = re.search(r"max_seq_len 1536 of (\d+) input genes", (out / "run.log").read_text())
+    assert genes and int(genes.group(1)) <= 400
+
+    # ... and predicts with the default gene chunk (1,536): one chunk holds the whole panel.
+    train = pickle.loads(train_inputs["split_noval"].read_bytes())["train"]
+    held_out = [c for c in train if c != "ctrl"][:2]
+    split = tmp_path / "split.pkl"
+    split.write_bytes(pickle.dumps({"train": train, "val": [], "test": held_out}))
+    settings = PredictSettings(n_cells=4, n_control_cells=8)
+    assert settings.chunk_size > 400
+    predicted = tmp_path / "scgpt_finetuned.h5ad"
+    args = (train_inputs["data"], split, train_inputs["pairing"], predicted, settings, out)
+    predict_heldout("scgpt_finetuned", *args)
+    cells = ad.read_h5ad(predicted)
+    assert cells.n_vars == 400 and np.isfinite(cells.X.toarray()).all()
+    assert (cells.obs["condition"].isin(held_out)).sum() == 8

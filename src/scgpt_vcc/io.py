@@ -30,6 +30,11 @@ from scgpt_vcc.errors import InputError
 H5_CHUNK = 1 << 16
 # Largest non-zero count that int32 row pointers can address.
 INT32_MAX = int(np.iinfo(np.int32).max)
+# Stored values + column indices of one row chunk. A stage holds a few copies of its
+# chunk (convert: counts, float64 normalisation, float32 output, write buffers); 128 MiB
+# keeps every data stage near or below 1.5 GB at any number of cells or genes
+# (bench/gears_processing.py).
+CHUNK_BYTES = 128 * 2**20
 
 
 @contextlib.contextmanager
@@ -149,25 +154,52 @@ def _check_row_pointers(group: h5py.Group, n_rows: int, path: str | Path, key: s
         )
 
 
+def row_chunk_bounds(
+    entry_ends: np.ndarray, chunk_size: int, max_entries: int
+) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` row ranges of at most ``chunk_size`` rows and ``max_entries`` stored
+    entries (at least one row each), given each row's cumulative entry count (CSR
+    ``indptr[1:]``)."""
+    n_rows, start = len(entry_ends), 0
+    while start < n_rows:
+        before = int(entry_ends[start - 1]) if start else 0
+        fits = int(np.searchsorted(entry_ends, before + max_entries, side="right"))
+        stop = min(start + chunk_size, max(fits, start + 1), n_rows)
+        yield start, stop
+        start = stop
+
+
 def iter_row_chunks(
-    path: str | Path, chunk_size: int, key: str = "X", desc: str | None = None
+    path: str | Path,
+    chunk_size: int,
+    key: str = "X",
+    desc: str | None = None,
+    max_bytes: int = CHUNK_BYTES,
 ) -> Iterator[tuple[int, sp.csr_matrix]]:
     """Yield ``(start_row, csr_chunk)`` over a matrix of an h5ad file, one chunk in memory.
 
-    ``key`` is ``"X"`` or ``"layers/<name>"``. A dense matrix is read in the same
-    chunks and converted to CSR.
+    A chunk holds at most ``chunk_size`` rows and ``max_bytes`` of stored values and
+    column indices (a dense matrix counts every entry), so memory stays bounded however
+    wide or dense the rows are. ``key`` is ``"X"`` or ``"layers/<name>"``; a dense matrix
+    is converted to CSR chunk by chunk.
     """
     with open_h5ad(path) as f:
         with _reading(path, key):
             node = f[key]
             dense = isinstance(node, h5py.Dataset)
             n_rows = node.shape[0] if dense else int(node.attrs["shape"][0])
-            if not dense:
+            if dense:
+                n_cols = node.shape[1] if node.ndim > 1 else 1
+                entry_ends = np.arange(1, n_rows + 1, dtype=np.int64) * n_cols
+                entry_bytes = node.dtype.itemsize
+            else:
                 _check_row_pointers(node, n_rows, path, key)
+                entry_ends = node["indptr"][1:]
+                entry_bytes = node["data"].dtype.itemsize + node["indices"].dtype.itemsize
             matrix = node if dense else sparse_dataset(node)
+        bounds = row_chunk_bounds(entry_ends, chunk_size, max(max_bytes // entry_bytes, 1))
         with tqdm(total=n_rows, desc=desc or f"read {Path(path).name}", unit="cells") as bar:
-            for start in range(0, n_rows, chunk_size):
-                stop = min(start + chunk_size, n_rows)
+            for start, stop in bounds:
                 with _reading(path, f"{key} rows {start}-{stop}"):
                     block = sp.csr_matrix(matrix[start:stop])
                     # Corrupt indices would otherwise pass silently into every later

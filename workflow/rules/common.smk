@@ -71,12 +71,17 @@ def check_real_inputs():
 
 
 def cli_options(**options):
-    """Render keyword options as CLI flags: a_b=1 -> --a-b 1. A config null is passed as
-    'none' (the CLI's word for no value), never left to the CLI's default."""
+    """Render keyword options as CLI flags: a_b=1 -> --a-b 1, a list as --a-b x y (an empty
+    one is left out: the CLI's default is empty). A config null is passed as 'none' (the
+    CLI's word for no value), never left to the CLI's default."""
     flags = []
     for key, value in options.items():
-        text = "none" if value is None else str(value)
-        flags.append(f"--{key.replace('_', '-')} {shlex.quote(text)}")
+        if isinstance(value, list):
+            words = [shlex.quote(str(item)) for item in value]
+        else:
+            words = [shlex.quote("none" if value is None else str(value))]
+        if words:
+            flags.append(" ".join([f"--{key.replace('_', '-')}", *words]))
     return " ".join(flags)
 
 

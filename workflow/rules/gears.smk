@@ -105,9 +105,8 @@ rule build_split:
         outdir=lambda w, output: Path(output[0]).parent,
         seed=lambda w: w.seed,
         options=split_options(GEARS_CFG["split"]),
-        perts=" ".join(
-            [f"--test-perts {shlex.quote(p)}" for p in GEARS_CFG["test_perts"]]
-            + [f"--val-perts {shlex.quote(p)}" for p in GEARS_CFG["val_perts"]]
+        perts=cli_options(
+            test_perts=GEARS_CFG["test_perts"], val_perts=GEARS_CFG["val_perts"]
         ),
     shell:
         "scgpt-vcc build-split {input.adata} {params.outdir} --go-filter {input.go} "

@@ -4,7 +4,9 @@ Mapping:
 
 * ``obs[perturbation_column]`` ``"GENE"`` -> ``obs["condition"]`` ``"GENE+ctrl"``; the control
   label -> ``"ctrl"``; a missing label (NaN, None, empty or blank) is an error, or with
-  ``drop_missing_labels`` its cell is left out;
+  ``drop_missing_labels`` its cell is left out; cells whose label is in ``exclude_labels``
+  (guide calls that name no gene: ``unassigned``, ``multiplet``) are left out;
+* cells without a single count are left out (there is nothing to normalise);
 * ``obs["cell_type"]`` = a configured constant (GEARS keys are ``{cell_type}_{condition}_{dose}``,
   so the label may not contain ``_``);
 * ``var.index`` -> ``var["gene_name"]``; all other obs and var columns are kept;
@@ -20,6 +22,7 @@ written in the same chunks: memory holds one chunk, whatever the number of cells
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +45,9 @@ class ConversionSummary:
     n_perturbations: int
     target_sum: float
     median_total_counts: float
+    n_unlabelled_cells: int  # left out: no label (drop_missing_labels)
+    n_excluded_cells: int  # left out: a label in exclude_labels
+    n_empty_cells: int  # left out: no counts
 
 
 def gears_conditions(targets: pd.Series, control_label: str) -> pd.Categorical:
@@ -116,6 +122,32 @@ def labelled_cells(
     if n_missing:
         log.warning("dropping %d cells with no label in obs[%r]", n_missing, perturbation_column)
     return ~missing
+
+
+def excluded_cells(
+    obs: pd.DataFrame,
+    perturbation_column: str,
+    exclude_labels: Sequence[str],
+    control_label: str,
+    path: str | Path = "<input>",
+) -> np.ndarray:
+    """Boolean mask of the cells whose label is in ``exclude_labels``; logs each count."""
+    if control_label in exclude_labels:
+        raise InputError(
+            "config",
+            "convert.exclude_labels",
+            f"lists the control label {control_label!r}",
+            "remove it: the control cells are every perturbation's reference",
+        )
+    labels = _label_column(obs, perturbation_column, path).astype(str)
+    excluded = labels.isin(list(exclude_labels)).to_numpy()
+    counts = labels[excluded].value_counts()
+    for label in exclude_labels:
+        if label in counts:
+            log.info("leaving out %d cells labelled %r (exclude_labels)", counts[label], label)
+        else:
+            log.warning("exclude_labels: no cell is labelled %r in %s", label, path)
+    return excluded
 
 
 def _perturbation_targets(
@@ -232,35 +264,41 @@ def convert_to_gears(
     cell_type: str = "K562",
     control_label: str = "non-targeting",
     perturbation_column: str = "target_gene",
+    exclude_labels: Sequence[str] = (),
     target_sum: float | None = None,
     chunk_size: int = 10_000,
     drop_missing_labels: bool = False,
 ) -> ConversionSummary:
     """Convert a VCC-format h5ad of raw counts into a GEARS-format h5ad (see module doc).
 
-    ``drop_missing_labels`` leaves out cells without a perturbation label instead of
-    refusing the input; the rows are selected chunk by chunk.
+    Cells left out (no label with ``drop_missing_labels``, a label in ``exclude_labels``,
+    no counts) are counted in the summary; the rows are selected chunk by chunk.
     """
     obs, var = read_annotations(input_path)
     _check_cell_type(cell_type)  # the config first, then the input
-    keep = labelled_cells(
+    labelled = labelled_cells(
         obs, perturbation_column, input_path, drop_missing_labels=drop_missing_labels
     )
+    excluded = excluded_cells(obs, perturbation_column, exclude_labels, control_label, input_path)
+    kept = labelled & ~excluded
     obs, var = gears_annotations(
-        obs[keep],
+        obs[kept],
         var,
         cell_type=cell_type,
         control_label=control_label,
         perturbation_column=perturbation_column,
         path=input_path,
-    )
+    )  # the annotations are checked before X is read
     totals = cell_totals(input_path, chunk_size)
+    empty = totals == 0
+    if empty[kept].any():
+        log.warning("leaving out %d cells with no counts (nothing to normalise)", empty[kept].sum())
+        obs = obs[~empty[kept]].copy()
+        obs["condition"] = obs["condition"].cat.remove_unused_categories()
+    keep = kept & ~empty
     median_total = float(np.median(totals[keep]))
     if target_sum is None:
         target_sum = median_total
-    n_empty = int((totals[keep] == 0).sum())
-    if n_empty:
-        log.warning("%d cells have no counts; they stay all-zero", n_empty)
 
     summary = ConversionSummary(
         n_cells=len(obs),
@@ -269,6 +307,9 @@ def convert_to_gears(
         n_perturbations=int(obs["condition"].nunique() - 1),
         target_sum=float(target_sum),
         median_total_counts=median_total,
+        n_unlabelled_cells=int((~labelled).sum()),
+        n_excluded_cells=int((labelled & excluded).sum()),
+        n_empty_cells=int((labelled & ~excluded & empty).sum()),
     )
     uns = {
         "scgpt_vcc": {
@@ -286,7 +327,7 @@ def convert_to_gears(
         for start, counts in iter_row_chunks(input_path, chunk_size, desc="log-normalise"):
             rows = keep[start : start + counts.shape[0]]
             chunk_totals = totals[start : start + len(rows)]
-            if not rows.all():  # cells without a label in this chunk: keep the others
+            if not rows.all():  # cells left out in this chunk: keep the others
                 counts, chunk_totals = counts[rows], chunk_totals[rows]
             if counts.shape[0]:
                 normalized = log_normalize(counts, chunk_totals, target_sum)

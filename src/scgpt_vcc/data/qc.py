@@ -2,8 +2,9 @@
 
 Everything comes from the per-condition statistics of ``compute-de`` (no pass over X):
 cells per perturbation, knockdown of each target, how many genes the pretrained
-vocabulary knows, targets that are not measured genes and perturbations with fewer cells
-than ``min_cells``.
+vocabulary knows, targets that are not measured genes, labels that are no known gene at
+all (neither measured nor in the vocabulary: a guide call such as ``unassigned``, to be
+listed in ``convert.exclude_labels``) and perturbations with fewer cells than ``min_cells``.
 
 Knockdown is ``1 - mean / control mean`` of the target's normalised counts (``expm1(X)``),
 so 0.8 = 80% fewer transcripts. The ratio of log1p means understates it, log1p being
@@ -95,6 +96,7 @@ def qc_report(stats_path: str | Path, vocab_path: str | Path, min_cells: int) ->
             "unmatched": unmatched,
         },
         "targets_not_measured": [t for t in targets if t not in gene_set],
+        "labels_not_genes": [t for t in targets if t not in gene_set and t not in vocab],
         "min_cells": min_cells,
         "below_min_cells": {c: n for c, n in n_cells.items() if c != CONTROL and n < min_cells},
     }
@@ -133,6 +135,14 @@ def write_qc(
     """Write ``qc.json``, ``cells_per_perturbation.png`` and ``knockdown.png``."""
     outdir = Path(outdir)
     report = qc_report(stats_path, vocab_path, min_cells)
+    if report["labels_not_genes"]:
+        log.warning(
+            "%d perturbation labels are neither measured genes nor in the scGPT vocabulary: "
+            "%s. A label that is not a gene (a guide call such as 'unassigned' or "
+            "'multiplet') belongs in convert.exclude_labels, which drops its cells",
+            len(report["labels_not_genes"]),
+            report["labels_not_genes"][:20],
+        )
     plot_cells(report, outdir / "cells_per_perturbation.png")
     plot_knockdown(report, outdir / "knockdown.png")
     write_json_atomic(outdir / "qc.json", report)
