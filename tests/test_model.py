@@ -118,7 +118,7 @@ def test_random_checkpoint_is_deterministic(tmp_path: Path) -> None:
 def test_load_pretrained_loads_prefixes_and_logs(
     ckpt_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="scgpt_vcc.model.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="scgpt_vcc.model.loading"):
         model = load_pretrained(ckpt_dir)
     state = read_state_dict(ckpt_dir / "best_model.pt")
     ours = model.state_dict()

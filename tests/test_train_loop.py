@@ -21,21 +21,17 @@ import pytest
 import torch
 
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.model.checkpoint import DEFAULT_LOAD_PREFIXES, read_state_dict
+from scgpt_vcc.model.checkpoint import read_state_dict
 from scgpt_vcc.model.loading import load_finetuned
 from scgpt_vcc.model.transformer import TransformerGenerator
 from scgpt_vcc.predict.run import PredictSettings, predict_heldout
-from scgpt_vcc.train.config import LOAD_PREFIXES, TrainConfig
+from scgpt_vcc.train.config import TrainConfig
 from scgpt_vcc.train.loop import finetune
 from scgpt_vcc.train.precision import fit_micro_batch, resolve_precision
 from tests.train_support import run_finetune, train_cells, train_inputs  # noqa: F401
 
 CLI = str(Path(sys.executable).with_name("scgpt-vcc"))
 FAST = {"max_seq_len": 128, "workers": 0, "batch_size": 16, "accumulation": 2}
-
-
-def test_load_prefixes_default_matches_the_model_package():
-    assert LOAD_PREFIXES == DEFAULT_LOAD_PREFIXES
 
 
 def test_oom_halves_micro_batch_and_doubles_accumulation(caplog):

@@ -58,6 +58,7 @@ VOCAB_FILE = "vocab.json"
 MODEL_FILE = "best_model.pt"
 CHECKPOINT_FILES = (ARGS_FILE, VOCAB_FILE, MODEL_FILE)
 
+# The modules the scGPT perturbation tutorial copies from the pretrained checkpoint.
 DEFAULT_LOAD_PREFIXES: tuple[str, ...] = ("encoder", "value_encoder", "transformer_encoder")
 
 # args.json field -> TransformerGenerator argument.

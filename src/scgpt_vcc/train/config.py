@@ -1,15 +1,13 @@
-"""Finetuning settings (kept free of torch imports so the CLI starts fast)."""
+"""Finetuning settings."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scgpt_vcc.model.checkpoint import DEFAULT_LOAD_PREFIXES
 from scgpt_vcc.precisions import PRECISIONS
 
 SELECTIONS = ("auto", "train_loss", "val_pearson_delta")
-# The modules the scGPT perturbation tutorial copies from the pretrained checkpoint
-# (= scgpt_vcc.model.checkpoint.DEFAULT_LOAD_PREFIXES; a test keeps them equal).
-LOAD_PREFIXES = ("encoder", "value_encoder", "transformer_encoder")
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     gpu_class: str | None = None
-    load_prefixes: tuple[str, ...] = LOAD_PREFIXES
+    load_prefixes: tuple[str, ...] = DEFAULT_LOAD_PREFIXES
     max_steps: int | None = None
 
     def __post_init__(self) -> None:
