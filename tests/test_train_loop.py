@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -21,7 +22,8 @@ import pytest
 import torch
 
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.model.checkpoint import read_state_dict
+from scgpt_vcc.io import read_annotations
+from scgpt_vcc.model.checkpoint import read_state_dict, read_vocab
 from scgpt_vcc.model.loading import load_finetuned
 from scgpt_vcc.model.transformer import TransformerGenerator
 from scgpt_vcc.predict.run import PredictSettings, predict_heldout
@@ -233,3 +235,21 @@ def test_a_panel_smaller_than_the_sequence_length_trains_on_every_gene(train_inp
     cells = ad.read_h5ad(predicted)
     assert cells.n_vars == 400 and np.isfinite(cells.X.toarray()).all()
     assert (cells.obs["condition"].isin(held_out)).sum() == 8
+
+
+def test_renamed_genes_join_the_model_input(train_inputs, tmp_path):
+    """Genes outside the vocabulary that vocab_match.json renames to a vocabulary symbol are
+    fed to the model, and a prediction with the same file sees them too."""
+    _, var = read_annotations(train_inputs["data"])
+    vocab = read_vocab(train_inputs["checkpoint"] / "vocab.json")
+    missing = [g for g in var.index if g not in vocab][:5]
+    spare = [t for t in vocab if t.startswith("LOC")][:5]  # vocabulary symbols no data gene has
+    assert len(missing) == len(spare) == 5
+    renames = tmp_path / "vocab_match.json"
+    renames.write_text(json.dumps({"renames": dict(zip(missing, spare, strict=True))}))
+    cfg = TrainConfig(epochs=1, max_steps=2, gene_renames=str(renames), **FAST)
+    out = run_finetune(train_inputs, tmp_path / "model", cfg, split="split_noval")
+    log = (out / "run.log").read_text()
+    matched = int(re.search(r"(\d+) of 400 genes .* are in the scGPT vocabulary", log).group(1))
+    assert matched == 400 - len([g for g in var.index if g not in vocab]) + 5
+    assert "5 genes matched under their current HGNC symbol" in log

@@ -7,6 +7,7 @@ plans RULE and everything downstream of it, which is exactly what a change to RU
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,7 +108,10 @@ def test_dry_run_plans_the_submission_model_and_the_scratch_ablation(tmp_path: P
         workdir, "--configfile", write_tiny_config(workdir, submission={"model": "linear_scgpt"})
     )
     assert "finetune_submission" not in rules(baseline)
-    assert next(j for j in baseline if j.rule == "submission").gpu_type is None
+    linear = next(j for j in baseline if j.wildcards == "model_type=linear_scgpt"
+                  and j.rule.startswith("submission"))  # fmt: skip
+    assert linear.rule == "submission_baseline" and linear.gpu_type is None
+    assert next(j for j in jobs if j.rule == "submission_scgpt").gpu_type == "a40"
 
 
 @pytest.mark.parametrize(("gpu_class", "precision"), [("a40", "bf16"), ("titanrtx", "fp16")])
@@ -120,9 +124,9 @@ def test_scgpt_predicts_in_the_precision_it_trains_in(
     finetune = next(j for j in jobs if j.rule == "finetune")
     assert f"--precision {precision}" in finetune.shell
     for job in jobs:
-        if job.rule in ("predict_scgpt", "submission"):
+        if job.rule in ("predict_scgpt", "submission_scgpt"):
             assert f"--precision {precision}" in job.shell, job.rule
-        elif job.rule == "predict_baseline":
+        elif job.rule in ("predict_baseline", "submission_baseline"):
             assert "--precision" not in job.shell
     amp_off = plan(workdir, "-p", "--configfile", write_tiny_config(workdir, train={"amp": False}))
     assert "--precision fp32" in next(j for j in amp_off if j.rule == "predict_scgpt").shell
@@ -176,3 +180,24 @@ def test_lint_and_snakefmt_are_clean(tmp_path: Path) -> None:
     snakefmt = str(Path(sys.executable).with_name("snakefmt"))
     fmt = subprocess.run([snakefmt, "--check", "workflow"], cwd=REPO, capture_output=True)
     assert fmt.returncode == 0, fmt.stderr.decode()[-4000:]
+
+
+def test_an_hgnc_table_renames_genes_for_every_model_that_uses_the_vocabulary(
+    tmp_path: Path,
+) -> None:
+    workdir = copy_workflow(tmp_path)
+    table = workdir / "hgnc_complete_set.txt"
+    table.write_text("symbol\tprev_symbol\talias_symbol\nYARS1\tYARS\t\n")
+    jobs = plan(workdir, "-p", "--configfile", write_tiny_config(workdir, hgnc_table=str(table)))
+    match = next(j for j in jobs if j.rule == "match_vocabulary")
+    assert f"--hgnc-table {table}" in match.shell
+    renames = "--gene-renames results/gears/demo/vocab_match.json"
+    for job in jobs:
+        model = re.search(r"--model-type (\w+)", job.shell)
+        if job.rule in ("finetune", "finetune_submission"):
+            assert renames in job.shell, job.rule
+        elif model and job.rule.startswith(("predict", "submission")):
+            uses_vocab = model.group(1).startswith("scgpt") or model.group(1) == "linear_scgpt"
+            assert (renames in job.shell) == uses_vocab, (job.rule, model.group(1))
+    without = plan(workdir, "-p", "--configfile", write_tiny_config(workdir))
+    assert "--hgnc-table" not in next(j for j in without if j.rule == "match_vocabulary").shell

@@ -223,6 +223,8 @@ def gears_outputs():
 
 # --- finetuning (rules/train.smk) ---
 TRAIN_CFG = config["train"]
+# Data genes to vocabulary tokens, with HGNC's renames (rule match_vocabulary).
+VOCAB_MATCH = f"{GEARS_DIR}/vocab_match.json"
 
 
 def finetune_launcher():
@@ -264,12 +266,14 @@ def finetune_resources():
 
 
 def finetune_inputs(seed, split):
-    """Inputs of a finetuning run: the data, the seed's control pairing, a split file."""
+    """Inputs of a finetuning run: the data, the seed's control pairing, a split file, the
+    pretrained checkpoint and the data genes' vocabulary match."""
     return {
         "data": f"{GEARS_DIR}/perturb_processed.h5ad",
         "pairing": f"{GEARS_DIR}/data_pyg/pairing_seed{seed}.npz",
         "split": split,
         "pretrained": pretrained_files(),
+        "renames": VOCAB_MATCH,
     }
 
 
@@ -373,8 +377,18 @@ def finetune_outputs():
 CELL_SETTINGS = ("n_cells", "n_control_cells")
 
 
+def uses_vocab(model_type):
+    """Model types that feed genes to scGPT's vocabulary (scGPT, linear_scgpt)."""
+    return is_scgpt(model_type) or model_type == "linear_scgpt"
+
+
+def vocab_inputs(model_type):
+    return [VOCAB_MATCH] if uses_vocab(model_type) else []
+
+
 def model_settings(model_type):
-    """predict's model settings; an scGPT model also gets the training's GPU precision."""
+    """predict's model settings; an scGPT model also gets the training's GPU precision,
+    and the models that use the vocabulary the genes' renames, as in training."""
     settings = {
         k: v
         for k, v in PREDICT_CFG.items()
@@ -382,6 +396,8 @@ def model_settings(model_type):
     }
     if is_scgpt(model_type):
         settings["precision"] = gpu_precision()
+    if uses_vocab(model_type):
+        settings["gene_renames"] = VOCAB_MATCH
     return settings
 
 

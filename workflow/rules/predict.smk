@@ -9,6 +9,7 @@ rule predict_baseline:
         split=lambda w: split_outputs(w.seed)[0],
         pairing=f"{GEARS_DIR}/data_pyg/pairing_seed{{seed}}.npz",
         model=lambda w: model_files(w.model_type, w.seed),
+        renames=lambda w: vocab_inputs(w.model_type),
     output:
         h5ad=f"{PREDICTIONS_DIR}/seed{{seed}}/{{model_type}}.h5ad",
     log:

@@ -12,6 +12,7 @@ rule submission_baseline:
         counts=submission_counts(),
         gene_names=config["gene_names"],
         model=lambda w: model_files(w.model_type),
+        renames=lambda w: vocab_inputs(w.model_type),
     output:
         h5ad=f"{SUBMISSION_DIR}/{{model_type}}/prediction.h5ad",
         vcc=f"{SUBMISSION_DIR}/{{model_type}}/prediction.prep.vcc",

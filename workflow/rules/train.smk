@@ -2,7 +2,28 @@
 # type on the seed's split (scgpt_finetuned from the pretrained checkpoint, scgpt_scratch
 # from random initialisation), and once on every training perturbation for the submission.
 # Killed or preempted runs resume from {outdir}/resume/ (not a declared output, so
-# Snakemake keeps it when it reruns the incomplete job).
+# Snakemake keeps it when it reruns the incomplete job). Every model that uses the scGPT
+# vocabulary reads the data genes' match to it, HGNC renames included (match_vocabulary).
+
+
+rule match_vocabulary:
+    input:
+        data=f"{GEARS_DIR}/perturb_processed.h5ad",
+        vocab=f"{config['pretrained_dir']}/vocab.json",
+        hgnc=config["hgnc_table"] or [],
+    output:
+        match=report(
+            VOCAB_MATCH, category="Data QC", caption="../report/vocab_match.rst"
+        ),
+    log:
+        f"logs/{DATASET}/match_vocabulary.log",
+    conda:
+        "../envs/scgpt-vcc.yaml"
+    params:
+        hgnc=lambda w, input: cli_options(hgnc_table=input.hgnc) if input.hgnc else "",
+    shell:
+        "scgpt-vcc match-vocabulary {input.data} {input.vocab} {output.match}"
+        " {params.hgnc} 2> {log}"
 
 
 rule finetune:
@@ -32,7 +53,7 @@ rule finetune:
         "{params.launcher} finetune --data {input.data} --pairing {input.pairing}"
         " --split {input.split} --checkpoint-dir {params.checkpoint_dir}"
         " --outdir {params.outdir} --seed {params.seed} --threads {threads}"
-        " {params.load_prefixes} {params.options} 2> {log}"
+        " --gene-renames {input.renames} {params.load_prefixes} {params.options} 2> {log}"
 
 
 use rule finetune as finetune_submission with:

@@ -15,24 +15,28 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from scgpt_vcc.cli import data, evaluation, models
+from scgpt_vcc.cli import data, evaluation, models  # noqa: F401  (they register commands)
+from scgpt_vcc.cli.options import COMMANDS
 from scgpt_vcc.errors import InputError
 
-# Every subcommand, in workflow order.
-COMMANDS = (*data.COMMANDS, *models.COMMANDS, *evaluation.COMMANDS)
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` is declared in full (and imports
+    its step), the others are listed with their help line."""
     parser = argparse.ArgumentParser(prog="scgpt-vcc", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
-        add(sub)
+    chosen = next((word for word in argv if not word.startswith("-")), None)
+    for name, (help_line, declare) in COMMANDS.items():
+        subparser = sub.add_parser(name, help=help_line, description=help_line)
+        if name == chosen:
+            declare(subparser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

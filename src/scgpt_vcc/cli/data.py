@@ -5,26 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scgpt_vcc.cli.options import add_options, call
-from scgpt_vcc.data.convert import convert_to_gears
-from scgpt_vcc.data.de import compute_de
-from scgpt_vcc.data.genes import read_gene_list
-from scgpt_vcc.data.go import download_gears_files, go_filter_report, read_go_filter
-from scgpt_vcc.data.graphs import write_cell_graphs
-from scgpt_vcc.data.pairing import write_pairing
-from scgpt_vcc.data.qc import write_qc
-from scgpt_vcc.data.splits import build_split
-from scgpt_vcc.data.synthetic import SyntheticSpec, write_synthetic_dataset
-from scgpt_vcc.model.random_checkpoint import write_random_checkpoint
-
-Subparsers = argparse._SubParsersAction
+from scgpt_vcc.cli.options import add_options, call, command
 
 
-def add_make_synthetic_dataset(sub: Subparsers) -> None:
-    p = sub.add_parser(
-        "make-synthetic-dataset",
-        help="generate a VCC-shaped raw-count dataset with planted perturbation effects",
-    )
+@command(
+    "make-synthetic-dataset",
+    "generate a VCC-shaped raw-count dataset with planted perturbation effects",
+)
+def declare_make_synthetic_dataset(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.data.synthetic import SyntheticSpec, write_synthetic_dataset
+
     p.add_argument("--gene-list", type=Path, required=True, help="VCC gene_names.csv (no header)")
     p.add_argument("--out-adata", dest="adata_path", type=Path, required=True)
     p.add_argument("--out-validation-counts", dest="validation_counts_path", type=Path,
@@ -35,11 +25,13 @@ def add_make_synthetic_dataset(sub: Subparsers) -> None:
     p.set_defaults(handler=lambda a: call(write_synthetic_dataset, a, spec=call(SyntheticSpec, a)))
 
 
-def add_make_synthetic_checkpoint(sub: Subparsers) -> None:
-    p = sub.add_parser(
-        "make-synthetic-checkpoint",
-        help="write a small random scGPT checkpoint in the whole-human format",
-    )
+@command(
+    "make-synthetic-checkpoint", "write a small random scGPT checkpoint in the whole-human format"
+)
+def declare_make_synthetic_checkpoint(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.data.genes import read_gene_list
+    from scgpt_vcc.model.random_checkpoint import write_random_checkpoint
+
     p.add_argument("--gene-names", type=Path, required=True, help="genes to cover (no header)")
     p.add_argument("--outdir", dest="out_dir", type=Path, required=True)
     add_options(p, write_random_checkpoint)
@@ -48,8 +40,10 @@ def add_make_synthetic_checkpoint(sub: Subparsers) -> None:
     )
 
 
-def add_convert_to_gears(sub: Subparsers) -> None:
-    p = sub.add_parser("convert-to-gears", help="VCC raw counts -> GEARS-format AnnData")
+@command("convert-to-gears", "VCC raw counts -> GEARS-format AnnData")
+def declare_convert_to_gears(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.data.convert import convert_to_gears
+
     p.add_argument("input_path", type=Path, help="VCC-format h5ad with raw counts")
     p.add_argument("output_path", type=Path, help="converted h5ad to write")
     add_options(
@@ -64,8 +58,10 @@ def add_convert_to_gears(sub: Subparsers) -> None:
     p.set_defaults(handler=lambda a: call(convert_to_gears, a))
 
 
-def add_compute_de(sub: Subparsers) -> None:
-    p = sub.add_parser("compute-de", help="GEARS DE genes in one streaming pass")
+@command("compute-de", "GEARS DE genes in one streaming pass")
+def declare_compute_de(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.data.de import compute_de
+
     p.add_argument("converted", type=Path, help="converted.h5ad")
     p.add_argument("output", type=Path, help="perturb_processed.h5ad to write")
     p.add_argument("--stats", dest="stats_path", type=Path, required=True,
@@ -74,31 +70,40 @@ def add_compute_de(sub: Subparsers) -> None:
     p.set_defaults(handler=lambda a: call(compute_de, a))
 
 
-def add_pair_controls(sub: Subparsers) -> None:
-    p = sub.add_parser("pair-controls", help="draw GEARS's control cell for every cell")
+@command("pair-controls", "draw GEARS's control cell for every cell")
+def declare_pair_controls(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.data.pairing import write_pairing
+
     p.add_argument("processed", type=Path, help="perturb_processed.h5ad")
     p.add_argument("output", type=Path, help="pairing_seed{N}.npz to write")
     p.add_argument("--seed", type=int, required=True)
     p.set_defaults(handler=lambda a: call(write_pairing, a))
 
 
-def add_download_gears_go(sub: Subparsers) -> None:
-    p = sub.add_parser("download-gears-go", help="fetch GEARS's gene2go and essential-gene files")
+@command("download-gears-go", "fetch GEARS's gene2go and essential-gene files")
+def declare_download_gears_go(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.data.go import download_gears_files
+
     p.add_argument("outdir", type=Path)
     add_options(p, download_gears_files, helps={"timeout": "seconds per download"})
     p.set_defaults(handler=lambda a: call(download_gears_files, a))
 
 
-def add_go_filter(sub: Subparsers) -> None:
-    p = sub.add_parser("go-filter", help="GEARS's perturbation-gene list and GO filter report")
+@command("go-filter", "GEARS's perturbation-gene list and GO filter report")
+def declare_go_filter(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.data.go import go_filter_report
+
     p.add_argument("processed", type=Path, help="perturb_processed.h5ad")
     p.add_argument("output", type=Path, help="go_filter.json to write")
     p.add_argument("--gears-dir", type=Path, default=None, help="folder with gene2go_all.pkl")
     p.set_defaults(handler=lambda a: call(go_filter_report, a))
 
 
-def add_write_cell_graphs(sub: Subparsers) -> None:
-    p = sub.add_parser("write-cell-graphs", help="stream GEARS's data_pyg/cell_graphs.pkl")
+@command("write-cell-graphs", "stream GEARS's data_pyg/cell_graphs.pkl")
+def declare_write_cell_graphs(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.data.go import read_go_filter
+    from scgpt_vcc.data.graphs import write_cell_graphs
+
     p.add_argument("processed", type=Path, help="perturb_processed.h5ad")
     p.add_argument("output", type=Path, help="cell_graphs.pkl to write")
     p.add_argument("--pairing", type=Path, required=True)
@@ -111,8 +116,10 @@ def add_write_cell_graphs(sub: Subparsers) -> None:
     )
 
 
-def add_build_split(sub: Subparsers) -> None:
-    p = sub.add_parser("build-split", help="GEARS split pickles made by GEARS's splitter")
+@command("build-split", "GEARS split pickles made by GEARS's splitter")
+def declare_build_split(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.data.splits import build_split
+
     p.add_argument("processed", type=Path, help="perturb_processed.h5ad")
     p.add_argument("outdir", type=Path, help="splits folder")
     p.add_argument("--go-filter", type=Path, required=True, help="go_filter.json")
@@ -132,25 +139,13 @@ def add_build_split(sub: Subparsers) -> None:
     p.set_defaults(handler=lambda a: call(build_split, a))
 
 
-def add_data_qc(sub: Subparsers) -> None:
-    p = sub.add_parser("data-qc", help="data report: cells, knockdown, vocabulary match")
+@command("data-qc", "data report: cells, knockdown, vocabulary match")
+def declare_data_qc(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.data.qc import write_qc
+
     p.add_argument("stats_path", type=Path, help="condition_stats.npz from compute-de")
     p.add_argument("outdir", type=Path, help="qc folder")
     p.add_argument("--vocab", dest="vocab_path", type=Path, required=True,
                    help="pretrained vocab.json")  # fmt: skip
     add_options(p, write_qc, helps={"min_cells": "flag perturbations with fewer cells"})
     p.set_defaults(handler=lambda a: call(write_qc, a))
-
-
-COMMANDS = (
-    add_make_synthetic_dataset,
-    add_make_synthetic_checkpoint,
-    add_convert_to_gears,
-    add_compute_de,
-    add_pair_controls,
-    add_download_gears_go,
-    add_go_filter,
-    add_write_cell_graphs,
-    add_build_split,
-    add_data_qc,
-)

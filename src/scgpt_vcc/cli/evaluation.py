@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scgpt_vcc.cli.options import add_options, call
-from scgpt_vcc.evaluate.run import DEFAULT_BASELINE, EvalSettings, evaluate_predictions
-from scgpt_vcc.evaluate.score import score_submission
-from scgpt_vcc.evaluate.summary import summarize
-from scgpt_vcc.evaluate.vcc import VCC_METRICS
-
-Subparsers = argparse._SubParsersAction
+from scgpt_vcc.cli.options import add_options, call, command
 
 
-def add_evaluate(sub: Subparsers) -> None:
-    p = sub.add_parser(
-        "evaluate", help="GEARS/scGPT metrics and cell-eval's VCC metrics of one model type"
-    )
+@command("evaluate", "GEARS/scGPT metrics and cell-eval's VCC metrics of one model type")
+def declare_evaluate(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.evaluate.run import DEFAULT_BASELINE, EvalSettings, evaluate_predictions
+    from scgpt_vcc.evaluate.vcc import VCC_METRICS
+
     p.add_argument("--real", dest="real_path", type=Path, required=True,
                    help="held-out real cells + controls")  # fmt: skip
     p.add_argument("--pred", dest="pred_path", type=Path, required=True,
@@ -54,8 +49,10 @@ def add_evaluate(sub: Subparsers) -> None:
     )
 
 
-def add_summarize(sub: Subparsers) -> None:
-    p = sub.add_parser("summarize", help="mean ± sd over seeds, wins over train_mean, plots")
+@command("summarize", "mean ± sd over seeds, wins over train_mean, plots")
+def declare_summarize(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.evaluate.summary import summarize
+
     p.add_argument("--eval-dir", type=Path, required=True, help="results/eval/{dataset}")
     p.add_argument("--seeds", type=int, nargs="+", required=True)
     p.add_argument("--model-types", nargs="+", required=True)
@@ -65,8 +62,10 @@ def add_summarize(sub: Subparsers) -> None:
     p.set_defaults(handler=lambda a: call(summarize, a))
 
 
-def add_score_submission(sub: Subparsers) -> None:
-    p = sub.add_parser("score-submission", help="score a submission against true held-out cells")
+@command("score-submission", "score a submission against true held-out cells")
+def declare_score_submission(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.evaluate.score import score_submission
+
     p.add_argument("--submission", type=Path, required=True, help="prediction.h5ad")
     p.add_argument("--baseline", type=Path, required=True,
                    help="train_mean's prediction.h5ad for the same list")  # fmt: skip
@@ -76,6 +75,3 @@ def add_score_submission(sub: Subparsers) -> None:
     p.add_argument("--control-label", required=True, help="the control value of target_gene")
     add_options(p, score_submission, helps={"threads": "cell-eval/pdex threads"})
     p.set_defaults(handler=lambda a: call(score_submission, a))
-
-
-COMMANDS = (add_evaluate, add_summarize, add_score_submission)

@@ -5,14 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scgpt_vcc.cli.options import add_options, call
+from scgpt_vcc.cli.options import add_options, call, command
 from scgpt_vcc.precisions import PRECISIONS
 from scgpt_vcc.predict import MODEL_TYPES
-from scgpt_vcc.predict.run import PredictSettings, predict_heldout, write_real
-from scgpt_vcc.submission import SubmissionSettings, make_submission
-from scgpt_vcc.train.config import SELECTIONS, TrainConfig
-
-Subparsers = argparse._SubParsersAction
 
 # Options of the held-out cells themselves (which cells, how many), not of any model.
 CELL_OPTIONS = ("seed", "n_cells", "n_control_cells")
@@ -47,11 +42,23 @@ def _add_model_dir(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_finetune(sub: Subparsers) -> None:
-    p = sub.add_parser(
-        "finetune",
-        help="finetune scGPT's perturbation model (torchrun/srun for several GPUs)",
+@command("match-vocabulary", "data genes to vocabulary tokens, with HGNC's renames")
+def declare_match_vocabulary(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.model.renames import write_vocab_match
+
+    p.add_argument("processed", type=Path, help="perturb_processed.h5ad")
+    p.add_argument("vocab_path", type=Path, help="pretrained vocab.json")
+    p.add_argument("output", type=Path, help="vocab_match.json to write")
+    add_options(
+        p, write_vocab_match, helps={"hgnc_table": "HGNC's complete set (hgnc_complete_set.txt)"}
     )
+    p.set_defaults(handler=lambda a: call(write_vocab_match, a))
+
+
+@command("finetune", "finetune scGPT's perturbation model (torchrun/srun for several GPUs)")
+def declare_finetune(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.train.config import SELECTIONS, TrainConfig
+
     p.add_argument("--data", type=Path, required=True, help="perturb_processed.h5ad")
     p.add_argument("--pairing", type=Path, required=True, help="data_pyg/pairing_seed{N}.npz")
     p.add_argument("--checkpoint-dir", type=Path, required=True, help="pretrained scGPT folder")
@@ -90,8 +97,10 @@ def _add_heldout_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairing", type=Path, required=True, help="data_pyg/pairing_seed{N}.npz")
 
 
-def add_predict(sub: Subparsers) -> None:
-    p = sub.add_parser("predict", help="predict the held-out perturbations with one model type")
+@command("predict", "predict the held-out perturbations with one model type")
+def declare_predict(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.predict.run import PredictSettings, predict_heldout
+
     p.add_argument("--model-type", choices=MODEL_TYPES, required=True)
     _add_model_dir(p)
     p.add_argument("--output", type=Path, required=True, help="{model_type}.h5ad to write")
@@ -109,8 +118,10 @@ def add_predict(sub: Subparsers) -> None:
     p.set_defaults(handler=run)
 
 
-def add_heldout_real(sub: Subparsers) -> None:
-    p = sub.add_parser("heldout-real", help="real held-out cells and their controls (real.h5ad)")
+@command("heldout-real", "real held-out cells and their controls (real.h5ad)")
+def declare_heldout_real(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.predict.run import PredictSettings, write_real
+
     p.add_argument("--output", type=Path, required=True, help="real.h5ad to write")
     _add_heldout_inputs(p)
     model_options = {f.name for f in PredictSettings.__dataclass_fields__.values()}
@@ -120,8 +131,11 @@ def add_heldout_real(sub: Subparsers) -> None:
     )
 
 
-def add_submission(sub: Subparsers) -> None:
-    p = sub.add_parser("submission", help="VCC submission h5ad and .vcc file (cell-eval prep)")
+@command("submission", "VCC submission h5ad and .vcc file (cell-eval prep)")
+def declare_submission(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.predict.run import PredictSettings
+    from scgpt_vcc.submission import SubmissionSettings, make_submission
+
     p.add_argument("--outdir", type=Path, required=True)
     p.add_argument(
         "--data", type=Path, required=True, help="perturb_processed.h5ad (training data)"
@@ -153,6 +167,3 @@ def add_submission(sub: Subparsers) -> None:
         )  # fmt: skip
 
     p.set_defaults(handler=run)
-
-
-COMMANDS = (add_finetune, add_predict, add_heldout_real, add_submission)

@@ -1,9 +1,12 @@
-"""Command-line options generated from the package's own signatures.
+"""The CLI's subcommand registry, and options generated from the package's own signatures.
 
 A step's defaults live in one place, the function or settings dataclass that does the
 work; :func:`add_options` turns every parameter with a default into ``--an-option`` with
 that default and a parser for its annotated type, and :func:`call` hands the parsed values
 back by name. The CLI restates no default.
+
+Subcommands register with :func:`command`; the function that declares one imports what
+it runs, so that a job imports only its own step (``pair-controls`` needs no torch).
 """
 
 from __future__ import annotations
@@ -16,8 +19,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+Declare = Callable[[argparse.ArgumentParser], None]
+# Every subcommand: name -> (one-line help, the function that declares its options).
+COMMANDS: dict[str, tuple[str, Declare]] = {}
+
 # Words that mean "no value" (config ``null``) for an optional option.
 NONE_WORDS = ("none", "null", "all")
+
+
+def command(name: str, help_line: str) -> Callable[[Declare], Declare]:
+    """Register the decorated function as the declaration of subcommand ``name``."""
+
+    def register(declare: Declare) -> Declare:
+        COMMANDS[name] = (help_line, declare)
+        return declare
+
+    return register
 
 
 def parse_bool(text: str) -> bool:

@@ -3,13 +3,15 @@
 Policy for genes outside the vocabulary (followed by the training and prediction helpers)
 ---------------------------------------------------------------------------------------
 A gene matches when its symbol (``var`` index / ``gene_names.csv`` entry) equals a key of
-``vocab.json`` exactly (case-sensitive, no alias lookup); the special tokens ``<pad>``,
-``<cls>`` and ``<eoc>`` never match a gene.
+``vocab.json`` exactly (case-sensitive), or when ``renames`` maps it to one (a symbol HGNC
+has renamed since the data were annotated: :mod:`scgpt_vcc.model.renames`); the special
+tokens ``<pad>``, ``<cls>`` and ``<eoc>`` never match a gene. The data keep their own names.
 
 * **Excluded from model input.** Unmatched genes are dropped from the token sequence. The
   upstream tutorial instead feeds them with the ``<pad>`` id, so that all of them share one
   embedding and the model cannot tell them apart; dropping them avoids that noise and
-  shortens the sequence. For VCC about 240 of 18,080 genes (1.3%) are dropped.
+  shortens the sequence. For VCC 240 of 18,080 genes (1.3%) miss the whole-human
+  vocabulary by symbol, 156 with a table of HGNC's renames (``tests/test_renames.py``).
 * **Fallback prediction = the input control value.** For every predicted cell, an
   unmatched gene gets the expression of the same gene in the control cell that was fed to
   the model (i.e. "no perturbation effect"); averaged over cells this is the control mean,
@@ -100,15 +102,21 @@ def match_genes(
     genes: Sequence[str],
     vocab: Mapping[str, int],
     *,
+    renames: Mapping[str, str] | None = None,
     specials: Sequence[str] = SPECIAL_TOKENS,
 ) -> VocabMatch:
-    """Look up each gene symbol in ``vocab`` (exact match) and log a summary."""
+    """Look up each gene symbol, or its rename, in ``vocab`` and log a summary."""
     special = set(specials)
+    renames = renames or {}
+    symbols = [renames.get(g, g) for g in genes]
     ids = np.fromiter(
-        (vocab[g] if g in vocab and g not in special else -1 for g in genes),
+        (vocab[s] if s in vocab and s not in special else -1 for s in symbols),
         dtype=np.int64,
         count=len(genes),
     )
+    if renames:
+        renamed = sum(g in renames for g in genes)
+        log.info("%d genes matched under their current HGNC symbol", renamed)
     result = VocabMatch(genes=tuple(str(g) for g in genes), vocab_ids=ids)
     log.info("%s", result.summary())
     return result

@@ -196,9 +196,13 @@ def fit_linear(
 
 
 def scgpt_perturbation_embedding(
-    checkpoint_dir: str | Path, genes: Sequence[str], dim: int
+    checkpoint_dir: str | Path,
+    genes: Sequence[str],
+    dim: int,
+    renames: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Pretrained scGPT gene embeddings of ``genes`` in the vocabulary, PCA-projected to ``dim``."""
+    """Pretrained scGPT gene embeddings of ``genes`` in the vocabulary (under their
+    ``renames``), PCA-projected to ``dim``."""
     from scgpt_vcc.model.checkpoint import (
         ARGS_FILE,
         MODEL_FILE,
@@ -212,7 +216,7 @@ def scgpt_perturbation_embedding(
     folder = Path(checkpoint_dir)
     vocab = read_vocab(folder / VOCAB_FILE, read_args(folder / ARGS_FILE)["pad_token"])
     table = read_state_dict(folder / MODEL_FILE)["encoder.embedding.weight"]
-    match = match_genes(list(genes), vocab)
+    match = match_genes(list(genes), vocab, renames=renames)
     rows = table[match.input_ids].double().numpy()
     projected = pca_scores(rows, dim)
     names = [genes[i] for i in match.input_positions]
@@ -227,6 +231,7 @@ def fit_baseline(
     pca_dim: int = 10,
     ridge: float = 0.1,
     checkpoint_dir: str | Path | None = None,
+    renames: Mapping[str, str] | None = None,
 ) -> ShiftModel | ConstantModel:
     """The baseline ``model_type`` fitted on ``train_conditions``."""
     if model_type == "control":
@@ -239,6 +244,6 @@ def fit_baseline(
     if model_type == "linear_scgpt":
         if checkpoint_dir is None:
             raise ValueError("linear_scgpt needs the pretrained checkpoint folder")
-        embedding = scgpt_perturbation_embedding(checkpoint_dir, data.genes, pca_dim)
+        embedding = scgpt_perturbation_embedding(checkpoint_dir, data.genes, pca_dim, renames)
     model = fit_linear(data.genes, means[:-1], perturbations, means[-1], pca_dim, ridge, embedding)
     return ShiftModel(model.change)

@@ -15,6 +15,7 @@ import numpy as np
 from scgpt_vcc.data.gears import read_split
 from scgpt_vcc.data.pairing import read_pairing
 from scgpt_vcc.errors import InputError
+from scgpt_vcc.model.renames import read_renames
 from scgpt_vcc.predict import MODEL_TYPES, SCGPT_MODEL_TYPES
 from scgpt_vcc.predict.baselines import fit_baseline, training_perturbations
 from scgpt_vcc.predict.cells import (
@@ -44,6 +45,9 @@ class PredictSettings:
     precision: str = "auto"
     linear_pca_dim: int = 10
     linear_ridge: float = 0.1
+    # vocab_match.json of match-vocabulary: data genes under renamed symbols (scGPT models
+    # and linear_scgpt; the same file as their training's).
+    gene_renames: str | None = None
 
 
 def build_model(
@@ -73,6 +77,7 @@ def build_model(
             seed=settings.seed,
             device=settings.device,
             precision=settings.precision,
+            renames=read_renames(settings.gene_renames),
         )
     if model_type != "control" and not training_perturbations(train_conditions):
         raise InputError(data.path, "split 'train'", "has no perturbation", "check the split")
@@ -83,6 +88,7 @@ def build_model(
         pca_dim=settings.linear_pca_dim,
         ridge=settings.linear_ridge,
         checkpoint_dir=model_dir,
+        renames=read_renames(settings.gene_renames),
     )
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +89,12 @@ class ScGPTPredictor:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         seed: int = 0,
         precision: str = "auto",
+        renames: Mapping[str, str] | None = None,
     ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.dtype = autocast_dtype(precision, self.device)
-        self.match = match_genes(list(genes), vocab)
+        self.match = match_genes(list(genes), vocab, renames=renames)
         self.input_columns = self.match.input_positions
         self.input_ids = torch.as_tensor(self.match.input_ids, dtype=torch.long)
         self.input_index = {str(genes[c]): i for i, c in enumerate(self.input_columns)}
@@ -211,13 +212,15 @@ def load_predictor(
     seed: int = 0,
     device: str = "auto",
     precision: str = "auto",
+    renames: Mapping[str, str] | None = None,
 ) -> ScGPTPredictor:
-    """Predictor from a trained folder (``finetune``'s output: every parameter is loaded)."""
+    """Predictor from a trained folder (``finetune``'s output: every parameter is loaded);
+    ``renames``: data gene -> vocabulary symbol, as in training."""
     folder = Path(model_dir)
     model = load_finetuned(folder, device=pick_device(device))
     vocab = read_vocab(folder / VOCAB_FILE, read_args(folder / ARGS_FILE)["pad_token"])
     predictor = ScGPTPredictor(
-        model, vocab, genes, chunk_size=chunk_size, seed=seed, precision=precision
+        model, vocab, genes, chunk_size=chunk_size, seed=seed, precision=precision, renames=renames
     )
     log.info(
         "scGPT inference on %s in %s, gene chunks of %d",

@@ -36,6 +36,8 @@ class TrainConfig:
     gpu_class: str | None = None
     load_prefixes: tuple[str, ...] = DEFAULT_LOAD_PREFIXES
     max_steps: int | None = None
+    # vocab_match.json of match-vocabulary: data genes under renamed symbols.
+    gene_renames: str | None = None
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:

@@ -43,6 +43,7 @@ from scgpt_vcc.model.checkpoint import (
     save_checkpoint,
 )
 from scgpt_vcc.model.loading import load_pretrained
+from scgpt_vcc.model.renames import read_renames
 from scgpt_vcc.model.vocab import match_genes
 from scgpt_vcc.train import ddp
 from scgpt_vcc.train.batches import PerturbationCells
@@ -102,7 +103,8 @@ def _finetune(
     vocab = read_vocab(checkpoint_dir / VOCAB_FILE, pretrained_args["pad_token"])
     _, var = read_annotations(data)
     genes = gene_symbols(var)
-    cells = PerturbationCells(data, pairing, match_genes(list(genes), vocab))
+    renames = read_renames(cfg.gene_renames)
+    cells = PerturbationCells(data, pairing, match_genes(list(genes), vocab, renames=renames))
     split = read_split(split_path)
     if split_path is not None and not split["train"]:
         raise InputError(
