@@ -22,6 +22,7 @@ from scgpt_vcc.predict.baselines import (
     fit_baseline,
     fit_linear,
     scgpt_perturbation_embedding,
+    train_mean_vector,
 )
 from scgpt_vcc.predict.cells import ExpressionData
 from scgpt_vcc.predict.population import match_mean
@@ -348,3 +349,19 @@ def test_scgpt_perturbation_embedding_projects_the_checkpoint_rows(heldout: dict
     centred = embedded - embedded.mean(axis=0)
     solution, *_ = np.linalg.lstsq(centred, projected, rcond=None)
     np.testing.assert_allclose(centred @ solution, projected, atol=1e-6)
+
+
+def test_linear_falls_back_to_train_mean_for_an_unmeasured_target(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without a perturbation embedding (the target is not a measured gene) the linear
+    model's prediction is train_mean's: b is the mean training change."""
+    rng = np.random.default_rng(3)
+    genes = [f"G{i}" for i in range(12)]
+    means = rng.gamma(2.0, 1.0, size=(4, 12))  # G1, G2, G3 perturbed; the control last
+    model = fit_linear(genes, means[:-1], ["G1+ctrl", "G2+ctrl", "G3+ctrl"], means[-1], 2, 0.1)
+    change = model.change(["NOT_MEASURED"])
+    np.testing.assert_allclose(means[-1] + change, train_mean_vector(means))
+    assert "NOT_MEASURED has no perturbation embedding" in caplog.text
+    assert "predicts train_mean's change" in caplog.text
+    assert not np.allclose(model.change(["G1"]), change)  # a measured target is not

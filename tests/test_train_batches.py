@@ -10,14 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scgpt_vcc.data.gears import condition_of, perturbed_genes
-from scgpt_vcc.io import CsrRowReader
+from scgpt_vcc.io import CsrRowReader, read_annotations
+from scgpt_vcc.model.checkpoint import read_vocab
+from scgpt_vcc.model.vocab import match_genes, unmeasured_tokens
 from scgpt_vcc.train.batches import (
     EvalBatches,
+    PerturbationCells,
     StepPlan,
     TrainSteps,
     sample_genes,
 )
-from tests.train_support import train_cells, train_inputs  # noqa: F401
+from tests.train_support import train_cells, train_inputs, unmeasured_inputs  # noqa: F401
 
 
 def test_perturbed_genes_from_condition_names():
@@ -136,3 +139,36 @@ def test_eval_batches_cover_every_gene_with_the_target_in_each_chunk(train_cells
             seen.setdefault(row, set()).update(genes.tolist())
     assert sorted(seen) == sorted(rows.tolist())
     assert all(len(g) == cells.n_input_genes for g in seen.values())
+
+
+def test_an_unmeasured_target_in_the_vocabulary_is_a_flagged_virtual_input(unmeasured_inputs):
+    """A perturbation whose target is not measured (a targeted panel, a knockout screen)
+    trains: its token joins the input, flagged, with value 0, and is never scored."""
+    _, var = read_annotations(unmeasured_inputs["data"])
+    vocab = read_vocab(unmeasured_inputs["checkpoint"] / "vocab.json")
+    match = match_genes(list(var.index), vocab)
+    target = unmeasured_inputs["target"]
+    tokens = unmeasured_tokens([target, "NOT_A_GENE"], match, vocab)
+    assert tokens == {target: vocab[target]}
+    cells = PerturbationCells(
+        unmeasured_inputs["data"], unmeasured_inputs["pairing"], match, tokens
+    )
+    condition = f"{target}+ctrl"
+    assert condition not in cells.unlearnable
+    rows = cells.rows_of([condition])
+    assert len(rows) > 0
+
+    plan = StepPlan(seed=0, micro_batch=len(rows), accumulation=1)
+    batch = TrainSteps(cells, rows, plan, 0, 0, 64)[0]
+    virtual = ~batch.measured.numpy()
+    assert virtual.sum() == 1 and len(batch.gene_ids) == 64  # 63 measured + the target
+    assert int(batch.gene_ids[virtual][0]) == vocab[target]
+    assert (batch.pert_flags[:, virtual] == 1).all() and (batch.pert_flags[:, ~virtual] == 0).all()
+    assert (batch.values[:, virtual] == 0).all() and (batch.target[:, virtual] == 0).all()
+
+    # Without the token the perturbation cannot be learnt and its cells are skipped.
+    skipped = PerturbationCells(unmeasured_inputs["data"], unmeasured_inputs["pairing"], match)
+    assert condition in skipped.unlearnable
+    # Evaluation batches carry the virtual target in every gene chunk.
+    for item in range(len(EvalBatches(cells, rows[:8], 8, 64))):
+        assert (~EvalBatches(cells, rows[:8], 8, 64)[item].measured).sum() == 1

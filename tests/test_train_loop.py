@@ -22,15 +22,22 @@ import pytest
 import torch
 
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.io import read_annotations
+from scgpt_vcc.io import CsrRowReader, read_annotations
 from scgpt_vcc.model.checkpoint import read_state_dict, read_vocab
 from scgpt_vcc.model.loading import load_finetuned
 from scgpt_vcc.model.transformer import TransformerGenerator
+from scgpt_vcc.predict.cells import ExpressionData
 from scgpt_vcc.predict.run import PredictSettings, predict_heldout
+from scgpt_vcc.predict.scgpt import load_predictor
 from scgpt_vcc.train.config import TrainConfig
 from scgpt_vcc.train.loop import finetune
 from scgpt_vcc.train.precision import fit_micro_batch, resolve_precision
-from tests.train_support import run_finetune, train_cells, train_inputs  # noqa: F401
+from tests.train_support import (  # noqa: F401
+    run_finetune,
+    train_cells,
+    train_inputs,
+    unmeasured_inputs,
+)
 
 CLI = str(Path(sys.executable).with_name("scgpt-vcc"))
 FAST = {"max_seq_len": 128, "workers": 0, "batch_size": 16, "accumulation": 2}
@@ -253,3 +260,24 @@ def test_renamed_genes_join_the_model_input(train_inputs, tmp_path):
     matched = int(re.search(r"(\d+) of 400 genes .* are in the scGPT vocabulary", log).group(1))
     assert matched == 400 - len([g for g in var.index if g not in vocab]) + 5
     assert "5 genes matched under their current HGNC symbol" in log
+
+
+def test_cells_of_an_unmeasured_target_train_and_predict(unmeasured_inputs, tmp_path):
+    """A perturbation of a gene the panel does not measure (but the vocabulary knows) is
+    learnt from its token, and the trained model predicts it."""
+    cfg = TrainConfig(epochs=1, **FAST)
+    out = run_finetune(unmeasured_inputs, tmp_path / "model", cfg, split="split_noval")
+    log = (out / "run.log").read_text()
+    target = unmeasured_inputs["target"]
+    assert "1 perturbation targets are not measured but in the vocabulary" in log
+    assert f"{target}+ctrl" not in log.split("their cells are skipped")[-1]
+    assert pd.read_csv(out / "steps.csv")["loss"].notna().all()
+
+    data = ExpressionData(unmeasured_inputs["data"])
+    predictor = load_predictor(out, data.genes, chunk_size=64)
+    control = CsrRowReader(unmeasured_inputs["data"]).read_dense(data.control_rows[:6])
+    perturbed = predictor.cells(control, [target])
+    assert perturbed.shape == control.shape and np.isfinite(perturbed).all()
+    assert not np.allclose(perturbed, control)  # the model ran on these cells
+    unknown = predictor.cells(control, ["NOT_A_GENE"])  # outside the vocabulary
+    np.testing.assert_array_equal(unknown, control)

@@ -61,3 +61,20 @@ def train_cells(train_inputs: dict) -> PerturbationCells:
     return PerturbationCells(
         train_inputs["data"], train_inputs["pairing"], match_genes(list(var.index), vocab)
     )
+
+
+@pytest.fixture(scope="session")
+def unmeasured_inputs(train_inputs: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """train_inputs with one perturbation renamed to a target that is in the checkpoint's
+    vocabulary but not a measured gene (a ``LOC`` symbol of the random checkpoint)."""
+    import anndata as ad
+
+    out = tmp_path_factory.mktemp("unmeasured")
+    adata = ad.read_h5ad(train_inputs["data"])
+    vocab = read_vocab(train_inputs["checkpoint"] / "vocab.json")
+    target = next(t for t in vocab if t.startswith("LOC") and t not in adata.var_names)
+    renamed = sorted(set(adata.obs["condition"].astype(str)) - {"ctrl"})[0]
+    conditions = adata.obs["condition"].astype(str).replace(renamed, f"{target}+ctrl")
+    adata.obs["condition"] = conditions.astype("category")
+    adata.write_h5ad(out / "data.h5ad")
+    return {**train_inputs, "data": out / "data.h5ad", "target": target, "renamed": renamed}

@@ -16,9 +16,14 @@ tokens ``<pad>``, ``<cls>`` and ``<eoc>`` never match a gene. The data keep thei
   unmatched gene gets the expression of the same gene in the control cell that was fed to
   the model (i.e. "no perturbation effect"); averaged over cells this is the control mean,
   so the gene contributes zero predicted effect to DES/PDS and control-level MAE.
-* **Perturbation targets outside the vocabulary.** Such a target has no input position to
-  carry the perturbation flag, so the model cannot see the perturbation at all. The helpers
-  list these perturbations in their log and predict all their genes with the same fallback
+* **Perturbation targets that are not measured but are in the vocabulary** (targeted
+  panels, knockout screens): the model does not need the target measured, only its token.
+  The target is fed as one more input position, its token with the perturbation flag and
+  the input value :data:`UNMEASURED_VALUE` (0: no expression measured), and its output is
+  neither scored in training nor part of a prediction.
+* **Perturbation targets outside the vocabulary.** Such a target has no token to carry the
+  perturbation flag, so the model cannot see the perturbation at all. The helpers list
+  these perturbations in their log and predict all their genes with the same fallback
   (control values). Training cells of such perturbations are still usable as inputs with
   no flagged position, but the helpers skip them because their targets are unlearnable.
 
@@ -38,8 +43,17 @@ log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<cls>", "<eoc>")
+# Input value of a perturbation target that is in the vocabulary but not measured.
+UNMEASURED_VALUE = 0.0
 
-__all__ = ["PAD_TOKEN", "SPECIAL_TOKENS", "VocabMatch", "match_genes"]
+__all__ = [
+    "PAD_TOKEN",
+    "SPECIAL_TOKENS",
+    "UNMEASURED_VALUE",
+    "VocabMatch",
+    "match_genes",
+    "unmeasured_tokens",
+]
 
 
 @dataclass(frozen=True)
@@ -120,3 +134,29 @@ def match_genes(
     result = VocabMatch(genes=tuple(str(g) for g in genes), vocab_ids=ids)
     log.info("%s", result.summary())
     return result
+
+
+def unmeasured_tokens(
+    targets: Sequence[str],
+    match: VocabMatch,
+    vocab: Mapping[str, int],
+    renames: Mapping[str, str] | None = None,
+    *,
+    specials: Sequence[str] = SPECIAL_TOKENS,
+) -> dict[str, int]:
+    """Vocabulary ids of the ``targets`` that are not measured genes (under their
+    ``renames``), by target name; targets outside the vocabulary are left out."""
+    measured, special, renames = set(match.genes), set(specials), renames or {}
+    tokens = {}
+    for target in dict.fromkeys(targets):
+        symbol = renames.get(target, target)
+        if target not in measured and symbol in vocab and symbol not in special:
+            tokens[target] = int(vocab[symbol])
+    if tokens:
+        log.info(
+            "%d perturbation targets are not measured but in the vocabulary; they are fed "
+            "as their token with the perturbation flag: %s",
+            len(tokens),
+            ", ".join(list(tokens)[:20]),
+        )
+    return tokens

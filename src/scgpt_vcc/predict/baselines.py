@@ -145,7 +145,12 @@ def embed(table: Mapping[str, np.ndarray], targets: Sequence[str]) -> np.ndarray
         if gene in table:
             p += table[gene]
         else:
-            log.warning("linear: target %s has no perturbation embedding; p = 0", gene)
+            log.warning(
+                "linear: target %s has no perturbation embedding (not a measured gene, or "
+                "outside the vocabulary for linear_scgpt); p = 0 predicts train_mean's "
+                "change for it",
+                gene,
+            )
     return p
 
 

@@ -35,7 +35,9 @@ how far a fresh draw of ``R`` would move each gene (``redraw_deviation``).
 
 Genes outside the vocabulary are not model input; they and every gene of a perturbation
 whose target is outside the vocabulary keep the control cell's value (policy in
-:mod:`scgpt_vcc.model.vocab`), and the latter are logged.
+:mod:`scgpt_vcc.model.vocab`), and the latter are logged. A target in the vocabulary that
+is not a measured gene joins every group as its token, flagged, with the input value
+``UNMEASURED_VALUE``, as in training; its own output is not part of the prediction.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import torch
 from scgpt_vcc.model import TransformerGenerator, load_finetuned, match_genes
 from scgpt_vcc.model.checkpoint import ARGS_FILE, VOCAB_FILE, read_args, read_vocab
 from scgpt_vcc.model.device import autocast_dtype, pick_device, precision_name
+from scgpt_vcc.model.vocab import SPECIAL_TOKENS, UNMEASURED_VALUE
 from scgpt_vcc.predict.population import ControlReference, PopulationMean
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,7 @@ class ScGPTPredictor:
         self.device = next(model.parameters()).device
         self.dtype = autocast_dtype(precision, self.device)
         self.match = match_genes(list(genes), vocab, renames=renames)
+        self.vocab, self.renames = vocab, dict(renames or {})
         self.input_columns = self.match.input_positions
         self.input_ids = torch.as_tensor(self.match.input_ids, dtype=torch.long)
         self.input_index = {str(genes[c]): i for i, c in enumerate(self.input_columns)}
@@ -109,15 +113,24 @@ class ScGPTPredictor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _target_inputs(self, targets: Sequence[str]) -> np.ndarray:
+    def _unmeasured_ids(self, targets: Sequence[str]) -> np.ndarray:
+        """Tokens of the targets that are in the vocabulary but not measured genes."""
+        measured = set(self.match.genes)
+        symbols = [self.renames.get(t, t) for t in targets if t not in measured]
+        return np.asarray(
+            [self.vocab[s] for s in symbols if s in self.vocab and s not in SPECIAL_TOKENS],
+            dtype=np.int64,
+        )
+
+    def _target_inputs(self, targets: Sequence[str], n_unmeasured: int) -> np.ndarray:
         found = [self.input_index[t] for t in targets if t in self.input_index]
         key = tuple(targets)
-        if len(found) < len(targets) and key not in self._reported:
+        if len(found) + n_unmeasured < len(targets) and key not in self._reported:
             self._reported.add(key)
             outside = [t for t in targets if t not in self.input_index]
             action = (
                 "all genes of these cells keep the control values"
-                if not found
+                if not found and not n_unmeasured
                 else "only the other targets are flagged"
             )
             log.warning("target(s) %s outside the vocabulary or not measured: %s", outside, action)
@@ -126,8 +139,9 @@ class ScGPTPredictor:
     @torch.inference_mode()
     def cells(self, control: np.ndarray, targets: Sequence[str]) -> np.ndarray:
         result = np.array(control, dtype=np.float32, copy=True)
-        target_inputs = self._target_inputs(targets)
-        if len(targets) and target_inputs.size == 0:
+        unmeasured = self._unmeasured_ids(targets)
+        target_inputs = self._target_inputs(targets, unmeasured.size)
+        if len(targets) and target_inputs.size == 0 and unmeasured.size == 0:
             return result
         rng = np.random.default_rng([self.seed, self._calls])
         self._calls += 1
@@ -135,15 +149,21 @@ class ScGPTPredictor:
         predicted = np.empty_like(values_all.numpy())
         target_sum = np.zeros((result.shape[0], target_inputs.size), dtype=np.float64)
         chunks = gene_chunks(len(self.input_columns), target_inputs, self.chunk_size, rng)
+        n, extra = result.shape[0], unmeasured.size
         for chunk in chunks:
             index = torch.from_numpy(chunk)
-            n = result.shape[0]
-            ids = self.input_ids[index].expand(n, -1).to(self.device)
-            values = values_all[:, index].to(self.device)
-            flags = torch.from_numpy(np.isin(chunk, target_inputs)).long().expand(n, -1)
+            ids = torch.cat([self.input_ids[index], torch.from_numpy(unmeasured)])
+            values = torch.cat(
+                [values_all[:, index], torch.full((n, extra), UNMEASURED_VALUE)], dim=1
+            )
+            flags = np.concatenate([np.isin(chunk, target_inputs), np.ones(extra, dtype=bool)])
             with self._autocast():
-                out = self.model(ids, values, flags.to(self.device))
-            out = out.float().cpu().numpy()
+                out = self.model(
+                    ids.expand(n, -1).to(self.device),
+                    values.to(self.device),
+                    torch.from_numpy(flags).long().expand(n, -1).to(self.device),
+                )
+            out = out.float().cpu().numpy()[:, : len(chunk)]
             predicted[:, chunk] = out
             if target_inputs.size:
                 target_sum += out[:, np.searchsorted(chunk, target_inputs)]

@@ -14,7 +14,10 @@ Deliberate differences from the tutorial (scGPT issue #298 and the field notes):
 * Perturbation flags come from gene names (condition ``"A+ctrl"`` flags the column of gene
   ``A``), not from GEARS's ``pert_idx``, which indexes GEARS's own perturbation list.
 * Genes outside the scGPT vocabulary are left out of the input (policy in
-  :mod:`scgpt_vcc.model.vocab`); cells whose targets are all outside it are skipped.
+  :mod:`scgpt_vcc.model.vocab`); cells whose targets are all outside it are skipped. A
+  target that is in the vocabulary but not measured joins the input of its cells' steps as
+  a *virtual* input gene (its token, flagged, value ``UNMEASURED_VALUE``), left out of the
+  loss and of the validation metric.
 
 Determinism: the cell order of an epoch depends only on ``(seed, epoch)`` and the gene
 subset of a step only on ``(seed, epoch, step)``, so a resumed run, a run with gradient
@@ -36,7 +39,7 @@ from scgpt_vcc.data.gears import gene_symbols, perturbed_genes
 from scgpt_vcc.data.pairing import read_pairing
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import CsrRowReader, read_annotations
-from scgpt_vcc.model.vocab import VocabMatch
+from scgpt_vcc.model.vocab import UNMEASURED_VALUE, VocabMatch
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ class Batch:
 
     ``gene_ids`` is [L] (the same genes for every cell; expand it to [B, L] for the model),
     ``values`` the paired control cells' expression, ``target`` the cells' own expression,
-    ``pert_flags`` 1 at each cell's perturbed genes. ``rows`` are the cells' h5ad rows.
+    ``pert_flags`` 1 at each cell's perturbed genes. ``rows`` are the cells' h5ad rows;
+    ``measured`` [L] is False at virtual inputs (targets that are not measured genes).
     """
 
     gene_ids: torch.Tensor
@@ -55,6 +59,7 @@ class Batch:
     target: torch.Tensor
     pert_flags: torch.Tensor
     rows: torch.Tensor
+    measured: torch.Tensor
 
     @property
     def n_cells(self) -> int:
@@ -68,7 +73,9 @@ class Batch:
         return Batch(*(t.pin_memory() for t in self._tensors()))
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.gene_ids, self.values, self.target, self.pert_flags, self.rows)
+        return (
+            self.gene_ids, self.values, self.target, self.pert_flags, self.rows, self.measured
+        )  # fmt: skip
 
 
 class PerturbationCells:
@@ -79,9 +86,18 @@ class PerturbationCells:
         pairing: ``pairing_seed{N}.npz`` with ``control_row`` (paired control row per row).
         match: the vocabulary match of the file's genes (:func:`scgpt_vcc.model.vocab.
             match_genes`), deciding which genes are model input.
+        unmeasured: vocabulary ids of perturbation targets that are not measured genes
+            (:func:`scgpt_vcc.model.vocab.unmeasured_tokens`): virtual inputs, indices
+            ``n_input_genes`` and up.
     """
 
-    def __init__(self, h5ad: str | Path, pairing: str | Path, match: VocabMatch) -> None:
+    def __init__(
+        self,
+        h5ad: str | Path,
+        pairing: str | Path,
+        match: VocabMatch,
+        unmeasured: dict[str, int] | None = None,
+    ) -> None:
         self.path = Path(h5ad)
         obs, var = read_annotations(self.path)
         if "condition" not in obs:
@@ -105,15 +121,18 @@ class PerturbationCells:
         column_to_input = np.full(len(genes), -1, dtype=np.int64)
         column_to_input[self.input_columns] = np.arange(len(self.input_columns))
         gene_column = {g: i for i, g in enumerate(genes)}
+        unmeasured = unmeasured or {}
+        self.virtual_ids = torch.as_tensor(list(unmeasured.values()), dtype=torch.long)
+        virtual = {g: len(self.input_columns) + k for k, g in enumerate(unmeasured)}
+
+        def input_of(gene: str) -> int:
+            if gene in gene_column:
+                return int(column_to_input[gene_column[gene]])
+            return virtual.get(gene, -1)
+
         # Per condition: input indices of its perturbed genes (-1 when not model input).
         self.cond_targets = [
-            np.array(
-                [
-                    column_to_input[gene_column[g]] if g in gene_column else -1
-                    for g in perturbed_genes(c)
-                ],
-                dtype=np.int64,
-            )
+            np.array([input_of(g) for g in perturbed_genes(c)], dtype=np.int64)
             for c in self.conditions
         ]
         self.unlearnable = [
@@ -131,6 +150,7 @@ class PerturbationCells:
 
     @property
     def n_input_genes(self) -> int:
+        """Measured input genes (input indices below it; virtual inputs follow)."""
         return len(self.input_columns)
 
     def gene_index(self, gene_ids: torch.Tensor) -> np.ndarray:
@@ -153,11 +173,15 @@ class PerturbationCells:
 
     def build(self, rows: np.ndarray, genes: np.ndarray) -> Batch:
         """Batch of ``rows`` on input genes ``genes`` (input indices), vectorised."""
-        columns = self.input_columns[genes]
-        dense = self.reader.read_dense(np.concatenate([rows, self.control_row[rows]]), columns)
+        measured = genes < self.n_input_genes
+        read = self.reader.read_dense(
+            np.concatenate([rows, self.control_row[rows]]), self.input_columns[genes[measured]]
+        )
+        dense = np.full((read.shape[0], len(genes)), UNMEASURED_VALUE, dtype=read.dtype)
+        dense[:, measured] = read
         n = len(rows)
         flags = np.zeros((n, len(genes)), dtype=np.int64)
-        slot = np.full(self.n_input_genes, -1, dtype=np.int64)
+        slot = np.full(self.n_input_genes + len(self.virtual_ids), -1, dtype=np.int64)
         slot[genes] = np.arange(len(genes))
         for code in np.unique(self.cond_code[rows]):
             targets = self.cond_targets[code]
@@ -166,12 +190,14 @@ class PerturbationCells:
             if len(cols):
                 cells = np.flatnonzero(self.cond_code[rows] == code)
                 flags[np.ix_(cells, cols)] = 1
+        ids = torch.cat([self.input_ids, self.virtual_ids])[torch.as_tensor(genes)]
         return Batch(
-            gene_ids=self.input_ids[torch.as_tensor(genes)],
+            gene_ids=ids,
             values=torch.from_numpy(dense[n:]),
             target=torch.from_numpy(dense[:n]),
             pert_flags=torch.from_numpy(flags),
             rows=torch.from_numpy(np.asarray(rows, dtype=np.int64)),
+            measured=torch.from_numpy(measured),
         )
 
 
@@ -276,12 +302,15 @@ class TrainSteps(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Batch:
         step = self.start_step + i // self.plan.accumulation
         step_rows = self.plan.step_rows(self.rows, self.epoch, step)
+        targets = self.cells.targets_of(step_rows)
+        virtual = targets[targets >= self.cells.n_input_genes]  # unmeasured: always in
         genes = sample_genes(
             self.cells.n_input_genes,
-            self.cells.targets_of(step_rows),
-            self.max_seq_len,
+            targets[targets < self.cells.n_input_genes],
+            max(self.max_seq_len - len(virtual), 1),
             _rng(self.plan.seed, self.epoch, step, 1),
         )
+        genes = np.concatenate([genes, virtual])
         micro = self.plan.micro_rows(step_rows, i % self.plan.accumulation)
         return self.cells.build(micro, genes)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from scgpt_vcc.data.gears import gene_symbols, read_split
+from scgpt_vcc.data.gears import gene_symbols, perturbed_genes, read_split
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import read_annotations
 from scgpt_vcc.model.checkpoint import (
@@ -44,7 +44,7 @@ from scgpt_vcc.model.checkpoint import (
 )
 from scgpt_vcc.model.loading import load_pretrained
 from scgpt_vcc.model.renames import read_renames
-from scgpt_vcc.model.vocab import match_genes
+from scgpt_vcc.model.vocab import match_genes, unmeasured_tokens
 from scgpt_vcc.train import ddp
 from scgpt_vcc.train.batches import PerturbationCells
 from scgpt_vcc.train.config import TrainConfig
@@ -101,10 +101,12 @@ def _finetune(
     log.info("finetune %s -> %s with %s", data, outdir, json.dumps(asdict(cfg), default=str))
     pretrained_args = read_args(checkpoint_dir / ARGS_FILE)
     vocab = read_vocab(checkpoint_dir / VOCAB_FILE, pretrained_args["pad_token"])
-    _, var = read_annotations(data)
-    genes = gene_symbols(var)
+    obs, var = read_annotations(data)
     renames = read_renames(cfg.gene_renames)
-    cells = PerturbationCells(data, pairing, match_genes(list(genes), vocab, renames=renames))
+    match = match_genes(list(gene_symbols(var)), vocab, renames=renames)
+    targets = [g for c in obs["condition"].astype(str).unique() for g in perturbed_genes(c)]
+    unmeasured = unmeasured_tokens(targets, match, vocab, renames)
+    cells = PerturbationCells(data, pairing, match, unmeasured)
     split = read_split(split_path)
     if split_path is not None and not split["train"]:
         raise InputError(

@@ -96,6 +96,7 @@ def probe_micro_batch(
                 full.target[:micro],
                 full.pert_flags[:micro],
                 full.rows[:micro],
+                full.measured,
             )
         )
 

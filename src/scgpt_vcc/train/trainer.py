@@ -126,11 +126,16 @@ class Trainer:
         )
 
     def _micro_loss(self, batch: Batch) -> torch.Tensor:
+        """MSE over the measured genes (virtual inputs, unmeasured targets, have no truth)."""
+        all_measured = bool(batch.measured.all())  # host tensor: no device sync
         batch = batch.to(self.ctx.device)
         gene_ids = batch.gene_ids.expand(batch.n_cells, -1)
         with autocast(self.ctx.device, self.dtype):
             pred = self.ddp_model(gene_ids, batch.values, batch.pert_flags)
-        return F.mse_loss(pred.float(), batch.target)
+        if all_measured:
+            return F.mse_loss(pred.float(), batch.target)
+        keep = batch.measured
+        return F.mse_loss(pred.float()[:, keep], batch.target[:, keep])
 
     def probe_memory(self) -> None:
         """Fit the micro-batch to memory (:func:`.precision.fit_micro_batch`) by trial steps."""

@@ -57,13 +57,14 @@ def condition_means(
         gpu = batch.to(device)
         with autocast(device, dtype):
             pred = model(gpu.gene_ids.expand(gpu.n_cells, -1), gpu.values, gpu.pert_flags)
-        pred = pred.float().cpu().double()
-        genes = torch.as_tensor(cells.gene_index(batch.gene_ids))
+        keep = batch.measured  # virtual inputs (unmeasured targets) have no truth
+        pred = pred.float().cpu().double()[:, keep]
+        genes = torch.as_tensor(cells.gene_index(batch.gene_ids[keep]))
         which = torch.as_tensor(slot[cells.cond_code[batch.rows.numpy()]])
         for s in which.unique():
             chosen = which == s
             pred_sum[s, genes] += pred[chosen].sum(0)
-            true_sum[s, genes] += batch.target[chosen].double().sum(0)
+            true_sum[s, genes] += batch.target[chosen][:, keep].double().sum(0)
             count[s, genes] += float(chosen.sum())
     return pred_sum / count, true_sum / count
 
