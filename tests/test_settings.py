@@ -19,6 +19,7 @@ from scgpt_vcc.data.splits import build_split
 from scgpt_vcc.data.synthetic import SyntheticSpec
 from scgpt_vcc.evaluate.run import DEFAULT_BASELINE, EvalSettings
 from scgpt_vcc.model.random_checkpoint import write_random_checkpoint
+from scgpt_vcc.predict import MODEL_TYPES
 from scgpt_vcc.predict.run import PredictSettings
 from scgpt_vcc.submission import SubmissionSettings
 from scgpt_vcc.train.config import TrainConfig
@@ -130,3 +131,12 @@ def test_config_yaml_holds_the_schema_defaults() -> None:
     undefaulted = {k for k in CONFIG if not any(d.split(".")[0] == k for d in defaults)}
     assert undefaulted == {"dataset", "raw_adata", "pretrained_dir", "validation_counts",
                            "gene_names", "seeds"}  # fmt: skip
+
+
+def test_the_schema_knows_the_package_model_types() -> None:
+    predict = SCHEMA["properties"]["predict"]["properties"]
+    assert predict["model_types"]["items"]["enum"] == list(MODEL_TYPES)
+    assert SCHEMA["properties"]["submission"]["properties"]["model"]["enum"] == list(MODEL_TYPES)
+    assert SCHEMA["properties"]["evaluate"]["properties"]["model_types"]["default"] == list(
+        MODEL_TYPES
+    )
