@@ -130,7 +130,7 @@ GENES = ["AAA", "BBB", "CCC"]
 @pytest.mark.parametrize(
     ("text", "field", "phrase"),
     [
-        ("target_gene,n_cells\nAAA,10\nZZZ,5\n", "target_gene", "not in gene_names.csv"),
+        ("target_gene,n_cells\nAAA,10\nZZZ,5\nYYY,1\n", "target_gene", "not in gene_names.csv"),
         ("target_gene,n_cells\nAAA,0\nBBB,4\n", "n_cells", "zero or negative"),
         ("target_gene,n_cells\nAAA,-3\n", "n_cells", "zero or negative"),
         ("target_gene,n_cells\nAAA,2.5\n", "n_cells", "not a whole number"),
@@ -151,6 +151,17 @@ def test_counts_csv_problems_name_file_field_and_fix(
         read_counts(path, GENES)
     assert err.value.path == str(path) and err.value.field == field
     assert phrase in err.value.problem and err.value.fix
+
+
+def test_a_minority_of_unmeasured_targets_is_allowed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A screen's listed targets need not all be measured genes; a list mostly outside
+    the gene list is another phase's and is refused (above)."""
+    path = tmp_path / "counts.csv"
+    path.write_text("target_gene,n_cells\nAAA,10\nBBB,4\nZZZ,5\n")
+    assert read_counts(path, GENES) == {"AAA": 10, "BBB": 4, "ZZZ": 5}
+    assert "1 listed targets are not measured genes of the gene list: ['ZZZ']" in caplog.text
 
 
 def test_counts_csv_valid_and_real_reference(tmp_path: Path) -> None:

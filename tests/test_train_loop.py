@@ -21,6 +21,8 @@ import pandas as pd
 import pytest
 import torch
 
+from scgpt_vcc.data.gears import perturbed_genes
+from scgpt_vcc.data.genes import write_gene_list
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import CsrRowReader, read_annotations
 from scgpt_vcc.model.checkpoint import read_state_dict, read_vocab
@@ -29,6 +31,7 @@ from scgpt_vcc.model.transformer import TransformerGenerator
 from scgpt_vcc.predict.cells import ExpressionData
 from scgpt_vcc.predict.run import PredictSettings, predict_heldout
 from scgpt_vcc.predict.scgpt import load_predictor
+from scgpt_vcc.submission import SubmissionSettings, write_submission_h5ad
 from scgpt_vcc.train.config import TrainConfig
 from scgpt_vcc.train.loop import finetune
 from scgpt_vcc.train.precision import fit_micro_batch, resolve_precision
@@ -281,3 +284,18 @@ def test_cells_of_an_unmeasured_target_train_and_predict(unmeasured_inputs, tmp_
     assert not np.allclose(perturbed, control)  # the model ran on these cells
     unknown = predictor.cells(control, ["NOT_A_GENE"])  # outside the vocabulary
     np.testing.assert_array_equal(unknown, control)
+
+    # A submission may list it: its cells are the model's prediction for the target.
+    measured_target = perturbed_genes(unmeasured_inputs["renamed"])[0]
+    (tmp_path / "counts.csv").write_text(
+        f"target_gene,n_cells,median_umi_per_cell\n{target},4,900\n{measured_target},3,900\n"
+    )
+    write_gene_list(list(data.genes), tmp_path / "genes.csv")
+    summary = write_submission_h5ad(
+        data, predictor, tmp_path / "counts.csv", tmp_path / "genes.csv",
+        tmp_path / "prediction.h5ad", SubmissionSettings(max_cells=100, min_control_cells=10),
+        PredictSettings(n_reference_cells=32),
+    )  # fmt: skip
+    assert summary["n_cells"] == {target: 4, measured_target: 3}
+    cells = ad.read_h5ad(tmp_path / "prediction.h5ad")
+    assert (cells.obs["target_gene"] == target).sum() == 4

@@ -70,6 +70,15 @@ def write_json_atomic(path: str | Path, obj: Any, *, sort_keys: bool = True) -> 
     write_text_atomic(path, text + "\n")
 
 
+def read_json(path: str | Path, fix: str) -> Any:
+    """The JSON document in ``path``; an unreadable or invalid file raises InputError(fix)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(path, "file", f"is not valid JSON ({err})", fix) from err
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

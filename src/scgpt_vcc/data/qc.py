@@ -15,7 +15,6 @@ keys that name their scale.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,19 +28,14 @@ import numpy as np  # noqa: E402
 from scgpt_vcc.data.de import load_stats  # noqa: E402
 from scgpt_vcc.data.gears import CONTROL  # noqa: E402
 from scgpt_vcc.errors import InputError  # noqa: E402
-from scgpt_vcc.io import save_figure, write_json_atomic  # noqa: E402
+from scgpt_vcc.io import read_json, save_figure, write_json_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
 def read_vocab(path: str | Path) -> set[str]:
-    path = Path(path)
-    try:
-        return set(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(
-            path, "file", f"is not a readable vocab.json ({err})", "check pretrained_dir"
-        ) from err
+    """The symbols of a vocab.json (the QC needs no ids)."""
+    return set(read_json(path, "check pretrained_dir: it needs the model's vocab.json"))
 
 
 def knockdown_table(stats: dict[str, np.ndarray]) -> dict[str, dict[str, float | None]]:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.io import atomic_path, write_json_atomic
+from scgpt_vcc.io import atomic_path, read_json, write_json_atomic
 from scgpt_vcc.model.transformer import TransformerGenerator
 from scgpt_vcc.model.vocab import PAD_TOKEN
 
@@ -104,12 +104,7 @@ def check_folder(checkpoint_dir: Path) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(
-            path, "file", f"is not valid JSON ({err})", "re-download the checkpoint file"
-        ) from err
+    return read_json(path, "re-download the checkpoint file")
 
 
 def read_args(path: str | Path) -> dict[str, Any]:

@@ -21,7 +21,6 @@ and apply through a table; they are not applied.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,7 @@ import pandas as pd
 
 from scgpt_vcc.data.gears import gene_symbols
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.io import read_annotations, write_json_atomic
+from scgpt_vcc.io import read_annotations, read_json, write_json_atomic
 from scgpt_vcc.model.checkpoint import read_vocab
 
 log = logging.getLogger(__name__)
@@ -187,10 +186,8 @@ def read_renames(path: str | Path | None) -> dict[str, str]:
     """The renames of a ``vocab_match.json`` (none without a file)."""
     if path is None:
         return {}
-    try:
-        renames = json.loads(Path(path).read_text())["renames"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(
-            path, "renames", f"cannot be read ({err})", "re-run match-vocabulary"
-        ) from err
+    report = read_json(path, "re-run match-vocabulary")
+    renames = report.get("renames") if isinstance(report, dict) else None
+    if not isinstance(renames, dict):
+        raise InputError(path, "renames", "is missing", "re-run match-vocabulary")
     return {str(k): str(v) for k, v in renames.items()}
