@@ -2,9 +2,9 @@
 
 A few hundred genes, several targets that the panel does not measure (but the scGPT
 vocabulary knows), guide calls that name no gene (``unassigned``), a gene under an old
-symbol that HGNC has renamed, and cells without counts: the workflow runs on it with
-config alone (no hand edits of the input) and writes a submission that lists unmeasured
-targets.
+symbol that HGNC has renamed, a weak guide and cells without counts: the workflow runs on
+it with config alone (no hand edits of the input) and writes a submission that lists
+unmeasured targets.
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ def _screen(folder: Path) -> dict:
     labels[rng.choice(len(labels), 40, replace=False)] = "unassigned"
     panel.obs["target_gene"] = pd.Categorical(labels)
     counts = panel.X.tolil()
+    # A weak guide: its cells keep the control level of their target.
+    weak_target = training[N_UNMEASURED_TRAINING]
+    weak_guide = f"{weak_target}_P1P2_1"
+    column = list(panel.var_names).index(weak_target)
+    totals = np.asarray(panel.X.sum(axis=1)).ravel()
+    controls = labels == "non-targeting"
+    level = (panel.X[controls][:, column].toarray().ravel() / totals[controls]).mean()
+    for row in np.flatnonzero(panel.obs["guide_id"].astype(str).to_numpy() == weak_guide):
+        counts[row, column] = round(level * totals[row])
     empty = rng.choice(np.flatnonzero(labels != "unassigned"), 5, replace=False)
     counts[empty] = 0
     panel.X = counts.tocsr()
@@ -62,7 +71,7 @@ def _screen(folder: Path) -> dict:
         f"hgnc_id\tsymbol\tprev_symbol\talias_symbol\nHGNC:1\t{renamed}\t{OLD_SYMBOL}\t\n"
     )
     return {"unmeasured": unmeasured, "renamed": renamed, "validation": validation,
-            "n_unassigned": 40, "n_empty": len(empty)}  # fmt: skip
+            "n_unassigned": 40, "n_empty": len(empty), "weak_guide": weak_guide}  # fmt: skip
 
 
 def _config(workdir: Path, inputs: Path) -> str:
@@ -99,6 +108,12 @@ def test_a_knockout_screen_runs_to_a_submission_that_lists_unmeasured_targets(
     report = converted.uns["scgpt_vcc"]
     assert (report["n_excluded_cells"], report["n_empty_cells"]) == (screen["n_unassigned"], 5)
     assert "unassigned+ctrl" not in set(converted.obs["condition"].astype(str))
+
+    qc = json.loads((results / "gears/screen/qc/qc.json").read_text())
+    assert screen["weak_guide"] in qc["weak_guides"]
+    knockdown = {g["guide"]: g["knockdown"] for g in qc["guides"]}
+    assert knockdown[screen["weak_guide"]] < 0.3
+    assert set(screen["unmeasured"][:-1]) <= set(qc["targets_not_measured"])
 
     match = json.loads((results / "gears/screen/vocab_match.json").read_text())
     assert match["renames"] == {OLD_SYMBOL: screen["renamed"]}

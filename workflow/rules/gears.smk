@@ -129,6 +129,7 @@ rule data_qc:
     input:
         stats=f"{GEARS_DIR}/condition_stats.npz",
         vocab=f"{config['pretrained_dir']}/vocab.json",
+        converted=f"{GEARS_DIR}/converted.h5ad",
     output:
         report=f"{GEARS_DIR}/qc/qc.json",
         cells=report(
@@ -152,4 +153,4 @@ rule data_qc:
         options=cli_options(min_cells=GEARS_CFG["min_cells"]),
     shell:
         "scgpt-vcc data-qc {input.stats} {params.outdir} --vocab {input.vocab} "
-        "{params.options} 2> {log}"
+        "--converted {input.converted} {params.options} 2> {log}"

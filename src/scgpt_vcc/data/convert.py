@@ -7,6 +7,8 @@ Mapping:
   ``drop_missing_labels`` its cell is left out; cells whose label is in ``exclude_labels``
   (guide calls that name no gene: ``unassigned``, ``multiplet``) are left out;
 * cells without a single count are left out (there is nothing to normalise);
+* each guide's knockdown of its target is measured, and with thresholds set, failed
+  knockdowns are left out (:mod:`scgpt_vcc.data.knockdown`); both are recorded in ``uns``;
 * ``obs["cell_type"]`` = a configured constant (GEARS keys are ``{cell_type}_{condition}_{dose}``,
   so the label may not contain ``_``);
 * ``var.index`` -> ``var["gene_name"]``; all other obs and var columns are kept;
@@ -31,6 +33,13 @@ import pandas as pd
 import scipy.sparse as sp
 
 from scgpt_vcc.data.gears import CONTROL
+from scgpt_vcc.data.knockdown import (
+    KnockdownFilter,
+    TargetExpression,
+    filter_knockdown,
+    knockdown_table,
+    report_json,
+)
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import H5adStreamWriter, atomic_path, iter_row_chunks, read_annotations
 
@@ -48,6 +57,7 @@ class ConversionSummary:
     n_unlabelled_cells: int  # left out: no label (drop_missing_labels)
     n_excluded_cells: int  # left out: a label in exclude_labels
     n_empty_cells: int  # left out: no counts
+    n_knockdown_filtered_cells: int  # left out by the knockdown filter (off by default)
 
 
 def gears_conditions(targets: pd.Series, control_label: str) -> pd.Categorical:
@@ -239,12 +249,16 @@ def _check_counts(chunk: sp.csr_matrix, start: int, path: str | Path) -> None:
         )
 
 
-def cell_totals(path: str | Path, chunk_size: int) -> np.ndarray:
-    """Total counts per cell, checking that X holds counts."""
+def cell_totals(
+    path: str | Path, chunk_size: int, targets: TargetExpression | None = None
+) -> np.ndarray:
+    """Total counts per cell, checking that X holds counts (and collecting ``targets``)."""
     totals = []
     for start, chunk in iter_row_chunks(path, chunk_size, desc="check counts"):
         _check_counts(chunk, start, path)
         totals.append(np.asarray(chunk.sum(axis=1), dtype=np.float64).ravel())
+        if targets is not None:
+            targets.add(start, chunk, totals[-1])
     return np.concatenate(totals)
 
 
@@ -268,13 +282,18 @@ def convert_to_gears(
     target_sum: float | None = None,
     chunk_size: int = 10_000,
     drop_missing_labels: bool = False,
+    max_perturbation_residual: float | None = None,
+    max_cell_residual: float | None = None,
+    knockdown_min_cells: int = 30,
 ) -> ConversionSummary:
     """Convert a VCC-format h5ad of raw counts into a GEARS-format h5ad (see module doc).
 
     Cells left out (no label with ``drop_missing_labels``, a label in ``exclude_labels``,
-    no counts) are counted in the summary; the rows are selected chunk by chunk.
+    no counts, a failed knockdown with the ``max_*_residual`` thresholds) are counted in
+    the summary; the rows are selected chunk by chunk.
     """
     obs, var = read_annotations(input_path)
+    input_obs = obs
     _check_cell_type(cell_type)  # the config first, then the input
     labelled = labelled_cells(
         obs, perturbation_column, input_path, drop_missing_labels=drop_missing_labels
@@ -289,13 +308,22 @@ def convert_to_gears(
         perturbation_column=perturbation_column,
         path=input_path,
     )  # the annotations are checked before X is read
-    totals = cell_totals(input_path, chunk_size)
+    labels = _label_column(input_obs, perturbation_column, input_path).astype(str)
+    column = {g: i for i, g in enumerate(var.index)}
+    target_column = np.array([column.get(t, -1) for t in labels], dtype=np.int64)
+    is_control = (labels == control_label).to_numpy()
+    target_column[is_control] = -1
+    targets = TargetExpression(target_column, is_control & kept)
+    totals = cell_totals(input_path, chunk_size, targets)
     empty = totals == 0
     if empty[kept].any():
         log.warning("leaving out %d cells with no counts (nothing to normalise)", empty[kept].sum())
-        obs = obs[~empty[kept]].copy()
-        obs["condition"] = obs["condition"].cat.remove_unused_categories()
-    keep = kept & ~empty
+    residual = targets.residuals(~empty)
+    guides = knockdown_table(input_obs, labels, residual, kept & ~empty)
+    rule = KnockdownFilter(max_perturbation_residual, max_cell_residual, knockdown_min_cells)
+    keep, knockdown_report = filter_knockdown(labels, residual, kept & ~empty, rule)
+    obs = obs[keep[kept]].copy()
+    obs["condition"] = obs["condition"].cat.remove_unused_categories()
     median_total = float(np.median(totals[keep]))
     if target_sum is None:
         target_sum = median_total
@@ -310,6 +338,7 @@ def convert_to_gears(
         n_unlabelled_cells=int((~labelled).sum()),
         n_excluded_cells=int((labelled & excluded).sum()),
         n_empty_cells=int((labelled & ~excluded & empty).sum()),
+        n_knockdown_filtered_cells=int((kept & ~empty & ~keep).sum()),
     )
     uns = {
         "scgpt_vcc": {
@@ -318,7 +347,9 @@ def convert_to_gears(
             "control_label": control_label,
             "perturbation_column": perturbation_column,
             "cell_type": cell_type,
-        }
+            "knockdown_filter": report_json(knockdown_report),
+        },
+        "scgpt_vcc_guides": guides,
     }
     with (
         atomic_path(output_path) as tmp,

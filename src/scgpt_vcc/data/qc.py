@@ -15,6 +15,7 @@ keys that name their scale.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ import numpy as np  # noqa: E402
 
 from scgpt_vcc.data.de import load_stats  # noqa: E402
 from scgpt_vcc.data.gears import CONTROL  # noqa: E402
+from scgpt_vcc.data.knockdown import WEAK_RESIDUAL  # noqa: E402
 from scgpt_vcc.errors import InputError  # noqa: E402
-from scgpt_vcc.io import read_json, save_figure, write_json_atomic  # noqa: E402
+from scgpt_vcc.io import read_json, read_uns, save_figure, write_json_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +125,45 @@ def plot_knockdown(report: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
+def guide_report(converted: str | Path) -> dict[str, Any]:
+    """Per-guide knockdown and the knockdown filter's report, as convert-to-gears wrote
+    them; guides whose knockdown is below ``1 - WEAK_RESIDUAL`` are named weak."""
+    uns = read_uns(converted)
+    guides = uns.get("scgpt_vcc_guides")
+    if guides is None:
+        raise InputError(
+            converted, "uns['scgpt_vcc_guides']", "is missing", "re-run convert-to-gears"
+        )
+    guides = guides.astype({"knockdown": float})
+    weak = guides[guides["knockdown"] < 1 - WEAK_RESIDUAL]
+    if len(weak):
+        log.warning(
+            "%d guides knock their target down by less than %.0f%%: %s",
+            len(weak),
+            100 * (1 - WEAK_RESIDUAL),
+            ", ".join(f"{r.guide} ({r.knockdown:.0%})" for r in weak.head(20).itertuples()),
+        )
+    records = guides.astype(object).where(guides.notna(), None).to_dict(orient="records")
+    return {
+        "guides": records,
+        "weak_guides": weak["guide"].tolist(),
+        "knockdown_filter": json.loads(uns["scgpt_vcc"]["knockdown_filter"]),
+    }
+
+
 def write_qc(
-    stats_path: str | Path, vocab_path: str | Path, outdir: str | Path, min_cells: int = 50
+    stats_path: str | Path,
+    vocab_path: str | Path,
+    outdir: str | Path,
+    min_cells: int = 50,
+    converted: str | Path | None = None,
 ) -> None:
-    """Write ``qc.json``, ``cells_per_perturbation.png`` and ``knockdown.png``."""
+    """Write ``qc.json``, ``cells_per_perturbation.png`` and ``knockdown.png``; with the
+    ``converted`` file, the knockdown of every guide too."""
     outdir = Path(outdir)
     report = qc_report(stats_path, vocab_path, min_cells)
+    if converted is not None:
+        report.update(guide_report(converted))
     if report["labels_not_genes"]:
         log.warning(
             "%d perturbation labels are neither measured genes nor in the scGPT vocabulary: "
