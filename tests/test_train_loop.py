@@ -285,10 +285,15 @@ def test_cells_of_an_unmeasured_target_train_and_predict(unmeasured_inputs, tmp_
     unknown = predictor.cells(control, ["NOT_A_GENE"])  # outside the vocabulary
     np.testing.assert_array_equal(unknown, control)
 
-    # A submission may list it: its cells are the model's prediction for the target.
+    # A submission may list it, even among mostly unmeasured targets the vocabulary knows:
+    # their cells are the model's prediction for the target.
     measured_target = perturbed_genes(unmeasured_inputs["renamed"])[0]
+    vocab = read_vocab(unmeasured_inputs["checkpoint"] / "vocab.json")
+    other = next(t for t in vocab if t.startswith("LOC") and t != target and predictor.knows(t))
+    assert not predictor.knows("NOT_A_GENE")
     (tmp_path / "counts.csv").write_text(
-        f"target_gene,n_cells,median_umi_per_cell\n{target},4,900\n{measured_target},3,900\n"
+        "target_gene,n_cells,median_umi_per_cell\n"
+        f"{target},4,900\n{other},2,900\n{measured_target},3,900\n"
     )
     write_gene_list(list(data.genes), tmp_path / "genes.csv")
     summary = write_submission_h5ad(
@@ -296,6 +301,6 @@ def test_cells_of_an_unmeasured_target_train_and_predict(unmeasured_inputs, tmp_
         tmp_path / "prediction.h5ad", SubmissionSettings(max_cells=100, min_control_cells=10),
         PredictSettings(n_reference_cells=32),
     )  # fmt: skip
-    assert summary["n_cells"] == {target: 4, measured_target: 3}
+    assert summary["n_cells"] == {target: 4, other: 2, measured_target: 3}
     cells = ad.read_h5ad(tmp_path / "prediction.h5ad")
     assert (cells.obs["target_gene"] == target).sum() == 4

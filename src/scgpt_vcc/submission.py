@@ -38,7 +38,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -78,14 +78,18 @@ COUNTS_COLUMNS = ("target_gene", "n_cells")
 DEPTH_COLUMN = "median_umi_per_cell"
 
 
-def read_counts(path: str | Path, genes: Sequence[str] | None = None) -> dict[str, int]:
+def read_counts(
+    path: str | Path,
+    genes: Sequence[str] | None = None,
+    known: Callable[[str], bool] | None = None,
+) -> dict[str, int]:
     """``target_gene -> n_cells`` of a VCC counts CSV (validation or test list).
 
     The CSV has a header (``target_gene,n_cells,median_umi_per_cell``). When ``genes``
-    (the submission's ``gene_names.csv``) are given, targets outside them are allowed with a
-    warning (a screen's targets need not be measured: scGPT predicts a target it has a token
-    for, the baselines predict train_mean's change), but a list of which fewer than half are
-    measured genes is refused: it belongs to another challenge phase or uses other names.
+    (the submission's ``gene_names.csv``) are given, a target outside them is accepted when
+    the model ``known``\s it (scGPT: a token in its vocabulary), and otherwise with a
+    warning (the baselines predict train_mean's change for it), unless most listed targets
+    are unknown: such a list belongs to another challenge phase or uses other names.
     """
     path = Path(path)
     fix_file = "use the challenge's CSV with the header target_gene,n_cells,median_umi_per_cell"
@@ -122,7 +126,7 @@ def read_counts(path: str | Path, genes: Sequence[str] | None = None) -> dict[st
     if duplicated:
         raise InputError(path, "target_gene", f"repeated genes {duplicated[:10]}", "list each once")
     if genes is not None:
-        unknown = sorted(set(targets) - set(genes))
+        unknown = sorted(t for t in set(targets) - set(genes) if not (known and known(t)))
         if unknown and 2 * len(unknown) <= len(targets):
             log.warning(
                 "%d listed targets are not measured genes of the gene list: %s; they are "
@@ -243,7 +247,7 @@ def write_submission_h5ad(
     gene_names = read_gene_list(gene_names_path)
     columns = gene_columns(data, gene_names, Path(gene_names_path))
     counts, n_controls = cap_cell_counts(
-        read_counts(counts_csv, gene_names),
+        read_counts(counts_csv, gene_names, getattr(model, "knows", None)),
         data.control_rows.size,
         settings.max_cells,
         settings.min_control_cells,

@@ -122,6 +122,10 @@ class ScGPTPredictor:
             dtype=np.int64,
         )
 
+    def knows(self, target: str) -> bool:
+        """Whether the model can flag ``target``: a matched gene, or an unmeasured token."""
+        return target in self.input_index or self._unmeasured_ids([target]).size > 0
+
     def _target_inputs(self, targets: Sequence[str], n_unmeasured: int) -> np.ndarray:
         found = [self.input_index[t] for t in targets if t in self.input_index]
         key = tuple(targets)
