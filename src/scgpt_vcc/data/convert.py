@@ -284,7 +284,7 @@ def convert_to_gears(
     drop_missing_labels: bool = False,
     max_perturbation_residual: float | None = None,
     max_cell_residual: float | None = None,
-    knockdown_min_cells: int = 30,
+    knockdown_min_cells: int = KnockdownFilter.min_cells,
 ) -> ConversionSummary:
     """Convert a VCC-format h5ad of raw counts into a GEARS-format h5ad (see module doc).
 
