@@ -203,3 +203,19 @@ def test_an_hgnc_table_renames_genes_for_every_model_that_uses_the_vocabulary(
             assert (renames in job.shell) == uses_vocab, (job.rule, model.group(1))
     without = plan(workdir, "-p", "--configfile", write_tiny_config(workdir))
     assert "--hgnc-table" not in next(j for j in without if j.rule == "match_vocabulary").shell
+
+
+def test_each_model_type_gets_only_the_settings_it_uses(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path)
+    jobs = plan(workdir, "-p", "--configfile", write_tiny_config(workdir))
+    shells = {
+        re.search(r"--model-type (\w+)", j.shell).group(1): j.shell
+        for j in jobs
+        if j.rule.startswith("predict_")
+    }
+    assert set(shells) == {"scgpt_finetuned", "scgpt_scratch", "control", "train_mean",
+                           "linear", "linear_scgpt"}  # fmt: skip
+    for model, shell in shells.items():
+        assert ("--chunk-size" in shell) == model.startswith("scgpt"), model
+        assert ("--linear-pca-dim" in shell) == model.startswith("linear"), model
+        assert "--batch-size" in shell and "--n-cells" in shell, model

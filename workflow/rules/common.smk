@@ -386,14 +386,20 @@ def vocab_inputs(model_type):
     return [VOCAB_MATCH] if uses_vocab(model_type) else []
 
 
+# predict settings only some model types use: scGPT's inference, the linear model's fit.
+SCGPT_SETTINGS = ("chunk_size", "device")
+LINEAR_SETTINGS = ("linear_pca_dim", "linear_ridge")
+
+
 def model_settings(model_type):
-    """predict's model settings; an scGPT model also gets the training's GPU precision,
-    and the models that use the vocabulary the genes' renames, as in training."""
-    settings = {
-        k: v
-        for k, v in PREDICT_CFG.items()
-        if k not in ("model_types", "threads", *CELL_SETTINGS)
-    }
+    """predict's settings that ``model_type`` uses; an scGPT model also gets the training's
+    GPU precision, and the models that use the vocabulary the genes' renames."""
+    unused = [*CELL_SETTINGS, "model_types", "threads"]
+    if not is_scgpt(model_type):
+        unused += SCGPT_SETTINGS
+    if not model_type.startswith("linear"):
+        unused += LINEAR_SETTINGS
+    settings = {k: v for k, v in PREDICT_CFG.items() if k not in unused}
     if is_scgpt(model_type):
         settings["precision"] = gpu_precision()
     if uses_vocab(model_type):
