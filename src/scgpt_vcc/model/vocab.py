@@ -152,11 +152,4 @@ def unmeasured_tokens(
         symbol = renames.get(target, target)
         if target not in measured and symbol in vocab and symbol not in special:
             tokens[target] = int(vocab[symbol])
-    if tokens:
-        log.info(
-            "%d perturbation targets are not measured but in the vocabulary; they are fed "
-            "as their token with the perturbation flag: %s",
-            len(tokens),
-            ", ".join(list(tokens)[:20]),
-        )
     return tokens

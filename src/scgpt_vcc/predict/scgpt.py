@@ -53,7 +53,7 @@ import torch
 from scgpt_vcc.model import TransformerGenerator, load_finetuned, match_genes
 from scgpt_vcc.model.checkpoint import ARGS_FILE, VOCAB_FILE, read_args, read_vocab
 from scgpt_vcc.model.device import autocast_dtype, pick_device, precision_name
-from scgpt_vcc.model.vocab import SPECIAL_TOKENS, UNMEASURED_VALUE
+from scgpt_vcc.model.vocab import UNMEASURED_VALUE, unmeasured_tokens
 from scgpt_vcc.predict.population import ControlReference, PopulationMean
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,8 @@ class ScGPTPredictor:
 
     def _unmeasured_ids(self, targets: Sequence[str]) -> np.ndarray:
         """Tokens of the targets that are in the vocabulary but not measured genes."""
-        measured = set(self.match.genes)
-        symbols = [self.renames.get(t, t) for t in targets if t not in measured]
-        return np.asarray(
-            [self.vocab[s] for s in symbols if s in self.vocab and s not in SPECIAL_TOKENS],
-            dtype=np.int64,
-        )
+        tokens = unmeasured_tokens(targets, self.match, self.vocab, self.renames)
+        return np.asarray(list(tokens.values()), dtype=np.int64)
 
     def knows(self, target: str) -> bool:
         """Whether the model can flag ``target``: a matched gene, or an unmeasured token."""

@@ -106,6 +106,13 @@ def _finetune(
     match = match_genes(list(gene_symbols(var)), vocab, renames=renames)
     targets = [g for c in obs["condition"].astype(str).unique() for g in perturbed_genes(c)]
     unmeasured = unmeasured_tokens(targets, match, vocab, renames)
+    if unmeasured:
+        log.info(
+            "%d perturbation targets are not measured but in the vocabulary; they are fed "
+            "as their token with the perturbation flag: %s",
+            len(unmeasured),
+            ", ".join(list(unmeasured)[:20]),
+        )
     cells = PerturbationCells(data, pairing, match, unmeasured)
     split = read_split(split_path)
     if split_path is not None and not split["train"]:
