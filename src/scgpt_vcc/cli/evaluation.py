@@ -7,6 +7,14 @@ from pathlib import Path
 
 from scgpt_vcc.cli.options import add_options, call, command
 
+# Help of the EvalSettings options, shared by evaluate and vcc-ceiling.
+SETTINGS_HELP = {
+    "chunk_size": "cells read at a time",
+    "vcc_group_size": "perturbations per DE run",
+    "threads": "cell-eval/pdex threads",
+    "ceiling_seed": "seed of the split into two halves",
+}
+
 
 @command("evaluate", "GEARS/scGPT metrics and cell-eval's VCC metrics of one model type")
 def declare_evaluate(p: argparse.ArgumentParser) -> None:
@@ -22,6 +30,8 @@ def declare_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outdir", type=Path, required=True)
     p.add_argument("--model-type", required=True)
     p.add_argument("--baseline-metrics", type=Path, default=None, help="train_mean metrics.json")
+    p.add_argument("--ceiling", dest="ceiling_path", type=Path, default=None,
+                   help="the real file's ceiling_vcc2025.json (calibrated scores)")  # fmt: skip
     p.add_argument(
         "--baseline",
         type=float,
@@ -33,11 +43,8 @@ def declare_evaluate(p: argparse.ArgumentParser) -> None:
     add_options(
         p,
         EvalSettings,
-        helps={
-            "chunk_size": "cells read at a time",
-            "vcc_group_size": "perturbations per DE run",
-            "threads": "cell-eval/pdex threads",
-        },
+        exclude=("ceiling_seed",),
+        helps=SETTINGS_HELP,
     )
     p.set_defaults(
         handler=lambda a: call(
@@ -47,6 +54,23 @@ def declare_evaluate(p: argparse.ArgumentParser) -> None:
             fallback_baseline=dict(zip(VCC_METRICS, a.baseline, strict=True)),
         )
     )
+
+
+@command("vcc-ceiling", "VCC 2025 ceiling: half of the real cells scored against the other half")
+def declare_vcc_ceiling(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.evaluate.ceiling import vcc_ceiling
+    from scgpt_vcc.evaluate.run import EvalSettings
+
+    p.add_argument("--real", dest="real_path", type=Path, required=True,
+                   help="held-out real cells + controls")  # fmt: skip
+    p.add_argument("--output", type=Path, required=True, help="ceiling_vcc2025.json to write")
+    add_options(
+        p,
+        EvalSettings,
+        exclude=("de_key", "n_top_de"),
+        helps=SETTINGS_HELP,
+    )
+    p.set_defaults(handler=lambda a: call(vcc_ceiling, a, settings=call(EvalSettings, a)))
 
 
 @command("summarize", "mean ± sd over seeds, wins over train_mean, plots")

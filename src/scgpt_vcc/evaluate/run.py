@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from scgpt_vcc.errors import InputError
+from scgpt_vcc.evaluate.ceiling import calibrated_scores, json_number, json_numbers, read_ceiling
 from scgpt_vcc.evaluate.means import check_log1p, group_means
 from scgpt_vcc.evaluate.metrics import GEARS_METRICS, gears_metrics, read_de_genes
 from scgpt_vcc.evaluate.vcc import (
@@ -51,6 +52,8 @@ class EvalSettings:
     chunk_size: int = 10000
     vcc_group_size: int = 10
     threads: int = 2
+    # The generator seed of the ceiling's half split (cell-eval's compute_ceiling default).
+    ceiling_seed: int = 0
 
 
 def read_baseline(
@@ -82,8 +85,13 @@ def evaluate_predictions(
     settings: EvalSettings = EvalSettings(),
     baseline_metrics: Path | None = None,
     fallback_baseline: dict[str, float] | None = None,
+    ceiling_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Compute every metric of ``pred_path`` against ``real_path``; write them to ``outdir``."""
+    """Compute every metric of ``pred_path`` against ``real_path``; write them to ``outdir``.
+
+    With ``ceiling_path`` (``ceiling_vcc2025.json`` of the same real file), the ceiling and
+    the calibrated scores against the challenge score's baseline are added.
+    """
     s = settings
     real = group_means(real_path, s.perturbation_column, s.chunk_size)
     pred = group_means(pred_path, s.perturbation_column, s.chunk_size)
@@ -129,6 +137,10 @@ def evaluate_predictions(
         de_key=s.de_key,
         control_label=s.control_label,
     )
+    if ceiling_path is not None:
+        summary.update(
+            _calibration(summary, read_ceiling(ceiling_path, s.control_label, perturbations))
+        )
     position = {g: i for i, g in enumerate(real.genes)}
     de_idx = np.full((len(perturbations), s.n_top_de), -1, dtype=np.int64)  # -1 pads
     for row, p in enumerate(perturbations):
@@ -136,6 +148,16 @@ def evaluate_predictions(
     _write_outputs(Path(outdir), table, summary, real, pred, s.control_label, de_idx)
     log.info("%s: %s", model_type, {k: round(summary[k], 4) for k in ALL_METRICS})
     return summary
+
+
+def _calibration(summary: dict[str, Any], ceiling: dict[str, float]) -> dict[str, Any]:
+    """``ceiling``, ``calibrated`` and ``calibrated_mean`` for metrics.json (NaN -> null)."""
+    scores = calibrated_scores(summary, summary["baseline"], ceiling)
+    return {
+        "ceiling": json_numbers(ceiling),
+        "calibrated": json_numbers(scores["calibrated"]),
+        "calibrated_mean": json_number(scores["calibrated_mean"]),
+    }
 
 
 def _write_outputs(outdir, table, summary, real, pred, control, de_idx) -> None:
