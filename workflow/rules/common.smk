@@ -498,6 +498,16 @@ def evaluate_options():
     )
 
 
+def ceiling_options():
+    """vcc-ceiling options: the evaluate settings it shares (threads come from the rule)."""
+    return cli_options(
+        control_label=config["control_label"],
+        chunk_size=EVAL_CFG["chunk_size"],
+        vcc_group_size=EVAL_CFG["vcc_group_size"],
+        ceiling_seed=EVAL_CFG["ceiling_seed"],
+    )
+
+
 def eval_outputs():
     return [
         f"{EVAL_DIR}/seed{seed}/{model}/metrics.json"

@@ -1,5 +1,27 @@
 # Evaluation of every model type's predictions against the held-out real cells (per seed),
-# then one summary over seeds and model types with the report's plots.
+# with the VCC 2025 ceiling of those cells (one half scored against the other), then one
+# summary over seeds and model types with the report's plots.
+
+
+rule vcc2025_ceiling:
+    input:
+        real=f"{PREDICTIONS_DIR}/seed{{seed}}/real.h5ad",
+    output:
+        f"{EVAL_DIR}/seed{{seed}}/ceiling_vcc2025.json",
+    log:
+        f"logs/{DATASET}/vcc2025_ceiling_seed{{seed}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/vcc2025_ceiling_seed{{seed}}.tsv"
+    conda:
+        "../envs/scgpt-vcc.yaml"
+    threads: EVAL_CFG["threads"]
+    resources:
+        mem_mb=EVAL_CFG["mem_mb"],
+    params:
+        options=ceiling_options(),
+    shell:
+        "scgpt-vcc vcc-ceiling --real {input.real} --output {output}"
+        " --threads {threads} {params.options} 2> {log}"
 
 
 rule evaluate:
@@ -7,6 +29,7 @@ rule evaluate:
         real=f"{PREDICTIONS_DIR}/seed{{seed}}/real.h5ad",
         pred=f"{PREDICTIONS_DIR}/seed{{seed}}/{{model_type}}.h5ad",
         processed=f"{GEARS_DIR}/perturb_processed.h5ad",
+        ceiling=rules.vcc2025_ceiling.output[0],
         baseline=lambda w: eval_baseline_input(w.model_type, w.seed),
     output:
         metrics=f"{EVAL_DIR}/seed{{seed}}/{{model_type}}/metrics.json",
@@ -32,7 +55,7 @@ rule evaluate:
     shell:
         "scgpt-vcc evaluate --real {input.real} --pred {input.pred}"
         " --processed {input.processed} --outdir {params.outdir}"
-        " --model-type {wildcards.model_type} --threads {threads}"
+        " --model-type {wildcards.model_type} --ceiling {input.ceiling} --threads {threads}"
         " {params.baseline} {params.options} 2> {log}"
 
 
@@ -60,6 +83,11 @@ rule summarize_eval:
             f"{EVAL_DIR}/plots/change_scatter.png",
             category="Evaluation",
             caption="../report/evaluation.rst",
+        ),
+        calibrated_plot=report(
+            f"{EVAL_DIR}/plots/calibrated.png",
+            category="Evaluation",
+            caption="../report/calibrated.rst",
         ),
     log:
         f"logs/{DATASET}/summarize_eval.log",
