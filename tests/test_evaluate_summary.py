@@ -20,7 +20,9 @@ VALUES = {
 }
 
 
-def write_run(root: Path, seed: int, model: str, values: list[float]) -> None:
+def write_run(
+    root: Path, seed: int, model: str, values: list[float], calibration: dict | None = None
+) -> None:
     folder = root / f"seed{seed}" / model
     folder.mkdir(parents=True)
     table = pd.DataFrame(
@@ -28,7 +30,7 @@ def write_run(root: Path, seed: int, model: str, values: list[float]) -> None:
     )
     table.to_csv(folder / "per_perturbation.csv")
     metrics = {m: float(np.mean(values)) for m in SUMMARY_METRICS}
-    metrics.update(n_perturbations=2, cell_eval_version="0.8.2")
+    metrics.update(n_perturbations=2, cell_eval_version="0.8.2", **(calibration or {}))
     (folder / "metrics.json").write_text(json.dumps(metrics))
     rng = np.random.default_rng(seed)
     np.savez(
@@ -42,10 +44,7 @@ def write_run(root: Path, seed: int, model: str, values: list[float]) -> None:
     )
 
 
-def test_mean_sd_and_wins(tmp_path: Path) -> None:
-    for model, seeds in VALUES.items():
-        for seed, values in seeds.items():
-            write_run(tmp_path, seed, model, values)
+def summarize_runs(tmp_path: Path) -> Path:
     out = tmp_path / "summary"
     assert (
         main(
@@ -69,6 +68,14 @@ def test_mean_sd_and_wins(tmp_path: Path) -> None:
         )
         == 0
     )
+    return out
+
+
+def test_mean_sd_and_wins(tmp_path: Path) -> None:
+    for model, seeds in VALUES.items():
+        for seed, values in seeds.items():
+            write_run(tmp_path, seed, model, values)
+    out = summarize_runs(tmp_path)
     table = pd.read_csv(out / "summary.csv").set_index(["model_type", "metric"])
     # linear pearson per seed: mean(0.6, 0.5) = 0.55 and mean(0.3, 0.9) = 0.6.
     row = table.loc[("linear", "pearson")]
@@ -84,5 +91,49 @@ def test_mean_sd_and_wins(tmp_path: Path) -> None:
     text = (out / "summary.md").read_text()
     assert "| linear | 0.5750 ± 0.0354" in text
     assert "2/1/1" in text
-    for name in ("metrics.png", "per_perturbation.png", "change_scatter.png"):
+    assert "VCC 2025" not in text  # evaluated without a ceiling
+    for name in ("metrics.png", "per_perturbation.png", "change_scatter.png", "calibrated.png"):
         assert (out / "plots" / name).stat().st_size > 1000
+
+
+def test_ceiling_and_calibrated_scores(tmp_path: Path) -> None:
+    ceiling = {"des": 0.8, "pds": 0.9, "mae": 0.1}
+    calibrated = {
+        "train_mean": {
+            1: {"des": 0.0, "pds": 0.0, "mae": 0.0},
+            2: {"des": 0.0, "pds": 0.0, "mae": 0.0},
+        },
+        "linear": {
+            1: {"des": 0.5, "pds": None, "mae": 0.2},
+            2: {"des": 0.3, "pds": 0.6, "mae": 0.4},
+        },
+    }
+    for model, seeds in VALUES.items():
+        for seed, values in seeds.items():
+            scores = calibrated[model][seed]
+            finite = [v for v in scores.values() if v is not None]
+            write_run(
+                tmp_path,
+                seed,
+                model,
+                values,
+                {
+                    "ceiling": ceiling,
+                    "calibrated": scores,
+                    "calibrated_mean": float(np.mean(finite)),
+                },
+            )
+    out = summarize_runs(tmp_path)
+    table = pd.read_csv(out / "summary.csv").set_index(["model_type", "metric"])
+    assert table.loc[("linear", "des_calibrated"), "mean"] == pytest.approx(0.4)
+    # A null calibrated score (ceiling == baseline) is left out of the mean over seeds.
+    assert table.loc[("linear", "pds_calibrated"), "mean"] == pytest.approx(0.6)
+    assert table.loc[("linear", "pds_calibrated"), "n_seeds"] == 1
+    assert table.loc[("linear", "calibrated_mean"), "mean"] == pytest.approx((0.35 + 1.3 / 3) / 2)
+    assert table.loc[("train_mean", "mae_ceiling"), "mean"] == pytest.approx(0.1)
+    text = (out / "summary.md").read_text()
+    assert "## VCC 2025: raw | ceiling | calibrated" in text
+    # linear's mean DES over seeds: mean(0.55, 0.6); ceiling 0.8; calibrated 0.4.
+    assert "| linear | 0.5750 / 0.8000 / 0.4000 | 0.5750 / 0.9000 / 0.6000 |" in text
+    assert "| train_mean | 0.5000 / 0.8000 / 0.0000 |" in text
+    assert (out / "plots" / "calibrated.png").stat().st_size > 1000

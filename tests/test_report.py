@@ -30,7 +30,7 @@ def test_demo_end_to_end_and_report(workflow_dir: Path) -> None:
         metrics = json.loads(
             (workflow_dir / f"results/eval/demo/seed1/{model_type}/metrics.json").read_text()
         )
-        assert {"pearson", "pearson_delta", "des", "pds", "mae"} <= set(metrics)
+        assert {"pearson", "pearson_delta", "des", "pds", "mae", "calibrated"} <= set(metrics)
     # The submission's model trained on every training perturbation, not on a seed's split.
     run_log = (workflow_dir / "results/models/demo/submission/scgpt_finetuned/run.log").read_text()
     assert "split demo_all_train_1_0.75.pkl" in run_log
@@ -55,10 +55,12 @@ def test_demo_end_to_end_and_report(workflow_dir: Path) -> None:
         "metrics.png",
         "per_perturbation.png",
         "change_scatter.png",
+        "calibrated.png",
         "score.json",
     ):
         assert name in html, name
     # The rule graph: every rule of the run is a node of the embedded graph.
     rules = ("finetune", "finetune_submission", "predict_scgpt", "predict_baseline", "evaluate")
-    for rule in (*rules, "submission_scgpt", "score_submission", "summarize_eval"):
+    rules += ("vcc2025_ceiling", "submission_scgpt", "score_submission", "summarize_eval")
+    for rule in rules:
         assert f'"rule": "{rule}"' in html, rule

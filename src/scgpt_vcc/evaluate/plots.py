@@ -4,7 +4,9 @@
 - ``per_perturbation.png``: per-perturbation bars (mean over seeds) of a few key metrics;
 - ``change_scatter.png``: predicted vs true change from the control mean, all genes, for
   the strongest held-out perturbations (largest true change, first seed), one row per model
-  type; the perturbation's top DE genes are highlighted.
+  type; the perturbation's top DE genes are highlighted;
+- ``calibrated.png``: each model's calibrated VCC scores (DES, PDS, MAE and their mean)
+  between 0 (the baseline) and 1 (the ceiling of the held-out real cells), sd over seeds.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from scgpt_vcc.evaluate.summary import (  # noqa: E402
+    CALIBRATED_MEAN,
+    calibrated_column,
+)
+from scgpt_vcc.evaluate.vcc import VCC_METRICS  # noqa: E402
 from scgpt_vcc.io import save_figure  # noqa: E402
 
-PLOT_FILES = ("metrics.png", "per_perturbation.png", "change_scatter.png")
+PLOT_FILES = ("metrics.png", "per_perturbation.png", "change_scatter.png", "calibrated.png")
 PER_PERTURBATION_METRICS = ("pearson_delta", "des", "mae")
 N_STRONGEST = 4
 DPI = 110
@@ -103,6 +110,37 @@ def plot_change_scatter(eval_dir: Path, seed: int, model_types: Sequence[str], p
     save_figure(fig, path, dpi=DPI)
 
 
+def plot_calibrated(summary: pd.DataFrame, path: Path) -> None:
+    """Calibrated scores per metric, a bar per model, with lines at 0 (baseline) and 1 (ceiling)."""
+    columns = [*(calibrated_column(m) for m in VCC_METRICS), CALIBRATED_MEAN]
+    labels = [*(m.upper() for m in VCC_METRICS), "mean"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    rows = summary[summary["metric"].isin(columns)]
+    if rows.empty:
+        ax.text(0.5, 0.5, "no ceiling: evaluate ran without --ceiling", ha="center")
+        ax.axis("off")
+        save_figure(fig, path, dpi=DPI)
+        return
+    models = list(dict.fromkeys(summary["model_type"]))
+    by_key = rows.set_index(["metric", "model_type"])
+    width = 0.8 / len(models)
+    for k, model in enumerate(models):
+        means = [by_key["mean"].get((c, model), np.nan) for c in columns]
+        sds = np.nan_to_num([by_key["sd"].get((c, model), np.nan) for c in columns])
+        x = np.arange(len(columns)) + (k - (len(models) - 1) / 2) * width
+        ax.bar(x, means, width, yerr=sds, capsize=2, label=model)  # NaN: no bar
+    ax.axhline(0, color="k", lw=1)
+    ax.axhline(1, color="tab:green", lw=1, ls="--")
+    ax.text(len(columns) - 0.5, 0, " baseline", va="bottom", ha="right", fontsize=8)
+    ax.text(len(columns) - 0.5, 1, " ceiling", va="bottom", ha="right", fontsize=8)
+    ax.set_xticks(range(len(columns)), labels)
+    ax.set_ylabel("calibrated score (u − b)/(r − b)")
+    ax.set_title("VCC 2025: 0 = baseline, 1 = a repeat of the experiment (mean over seeds)")
+    ax.legend(fontsize=7, ncol=min(len(models), 3), loc="upper left", bbox_to_anchor=(1, 1))
+    fig.tight_layout()
+    save_figure(fig, path, dpi=DPI)
+
+
 def write_plots(
     eval_dir: Path,
     seeds: Sequence[int],
@@ -115,3 +153,4 @@ def write_plots(
     plot_metric_bars(summary, plots_dir / PLOT_FILES[0])
     plot_per_perturbation(per_perturbation, plots_dir / PLOT_FILES[1])
     plot_change_scatter(eval_dir, seeds[0], model_types, plots_dir / PLOT_FILES[2])
+    plot_calibrated(summary, plots_dir / PLOT_FILES[3])

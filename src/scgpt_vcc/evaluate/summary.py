@@ -4,6 +4,10 @@ Reads ``{eval_dir}/seed{seed}/{model_type}/metrics.json`` and ``per_perturbation
 and writes ``summary.csv`` (one row per model type and metric), ``summary.md`` (the
 same as markdown tables) and the plots of :mod:`scgpt_vcc.evaluate.plots`.
 
+With the VCC 2025 ceiling in metrics.json (``evaluate --ceiling``), every VCC metric also
+has rows ``{metric}_ceiling`` and ``{metric}_calibrated`` and there is ``calibrated_mean``;
+summary.md shows them as the table "VCC 2025: raw | ceiling | calibrated".
+
 Uncertainty: the standard deviation is over seeds (ddof = 1; empty with one seed). The
 paired comparison pools (seed, perturbation) pairs: a model wins a pair when its value
 is better than train_mean's on the same perturbation of the same seed (higher for
@@ -21,10 +25,33 @@ import pandas as pd
 
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.evaluate.run import ALL_METRICS, BASELINE_MODEL
+from scgpt_vcc.evaluate.vcc import VCC_METRICS
 from scgpt_vcc.io import write_text_atomic
 
 SUMMARY_METRICS = (*ALL_METRICS, "challenge_score")
 LOWER_IS_BETTER = frozenset({"mse", "mse_de", "mae"})
+CALIBRATED_MEAN = "calibrated_mean"
+
+
+def ceiling_column(metric: str) -> str:
+    return f"{metric}_ceiling"
+
+
+def calibrated_column(metric: str) -> str:
+    return f"{metric}_calibrated"
+
+
+def calibration_fields(metrics: dict) -> dict[str, float]:
+    """Ceiling and calibrated score of every VCC metric in one metrics.json (null -> NaN);
+    nothing when it was evaluated without a ceiling."""
+    if "ceiling" not in metrics:
+        return {}
+    fields = {}
+    for name in VCC_METRICS:
+        fields[ceiling_column(name)] = metrics["ceiling"][name]
+        fields[calibrated_column(name)] = metrics["calibrated"][name]
+    fields[CALIBRATED_MEAN] = metrics[CALIBRATED_MEAN]
+    return {key: np.nan if value is None else float(value) for key, value in fields.items()}
 
 
 def run_dir(eval_dir: Path, seed: int, model_type: str) -> Path:
@@ -44,7 +71,12 @@ def collect(
                 raise InputError(path, "file", "does not exist", f"run evaluate for {model}")
             data = json.loads(path.read_text())
             runs.append(
-                {"seed": seed, "model_type": model, **{k: data[k] for k in SUMMARY_METRICS}}
+                {
+                    "seed": seed,
+                    "model_type": model,
+                    **{k: data[k] for k in SUMMARY_METRICS},
+                    **calibration_fields(data),
+                }
             )
             table = pd.read_csv(folder / "per_perturbation.csv")
             tables.append(table.assign(seed=seed, model_type=model))
@@ -132,8 +164,43 @@ def summary_markdown(summary: pd.DataFrame, runs: pd.DataFrame, notes: Sequence[
                 row = by_key.loc[(model, m)]
                 cells.append(f"{int(row['wins'])}/{int(row['ties'])}/{int(row['losses'])}")
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += calibration_markdown(by_key, models)
     lines += ["", *[f"- {note}" for note in notes], ""]
     return "\n".join(lines)
+
+
+def calibration_markdown(by_key: pd.DataFrame, models: Sequence[str]) -> list[str]:
+    """The table "VCC 2025: raw | ceiling | calibrated" (none without ceilings)."""
+    if CALIBRATED_MEAN not in by_key.index.get_level_values("metric"):
+        return []
+    lines = [
+        "",
+        "## VCC 2025: raw | ceiling | calibrated",
+        "",
+        "Per VCC metric: the model's value, the ceiling of the held-out real cells (a repeat "
+        "of the experiment) and the calibrated score (u − b)/(r − b), 0 at the challenge "
+        "score's baseline and 1 at the ceiling (docs/metrics.md). Means over seeds.",
+        "",
+        "| model_type | "
+        + " | ".join(f"{m.upper()}: raw / ceiling / calibrated" for m in VCC_METRICS)
+        + " | calibrated mean |",
+        "|" + "---|" * (len(VCC_METRICS) + 2),
+    ]
+    for model in models:
+        cells = [
+            " / ".join(
+                _number(by_key.loc[(model, column), "mean"])
+                for column in (name, ceiling_column(name), calibrated_column(name))
+            )
+            for name in VCC_METRICS
+        ]
+        cells.append(_number(by_key.loc[(model, CALIBRATED_MEAN), "mean"]))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _number(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{value:.4f}"
 
 
 def summarize(
@@ -153,7 +220,7 @@ def summarize(
     notes = [
         f"{first['n_perturbations']} held-out perturbations per seed; cell-eval "
         f"{first['cell_eval_version']} (profile vcc).",
-        "challenge_score: VCC overall score against "
+        "challenge_score and the calibrated scores: against "
         + ("this run's train_mean" if BASELINE_MODEL in model_types else "the configured baseline")
         + " (0 for train_mean itself).",
         "sd is empty with a single seed.",
