@@ -32,7 +32,8 @@ SEED = 3
 
 @pytest.fixture(scope="module")
 def real(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The noisy pair's real cells with uneven groups: one odd, one of a single cell."""
+    """The noisy pair's real cells with uneven groups (one odd, one of a single cell) and two
+    perturbations without effect, which the halves cannot tell apart (PDS < 1)."""
     folder = tmp_path_factory.mktemp("ceiling")
     real_path, _, perts = write_noisy_pair(folder)
     cells = ad.read_h5ad(real_path)
@@ -40,7 +41,10 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Path:
     keep = np.ones(len(labels), bool)
     keep[np.flatnonzero(labels == perts[2])[:1]] = False  # 29 cells: one left over
     keep[np.flatnonzero(labels == perts[3])[1:]] = False  # 1 cell: cannot be split
-    keep[np.flatnonzero(labels == CONTROL)[:1]] = False  # 89 controls
+    controls = np.flatnonzero(labels == CONTROL)
+    keep[controls[0]] = False  # 59 controls remain
+    labels[controls[1:16]] = "NULL_A"
+    labels[controls[16:31]] = "NULL_B"
     return write_cells(
         folder / "uneven.h5ad",
         cells.X[keep].toarray(),
@@ -87,8 +91,8 @@ def test_half_split_and_ceiling_equal_cell_eval(ours: dict, cell_eval_ceiling) -
     assert sorted(table.index) == sorted(theirs.index)
     assert "GENE3" not in table.index and ours["dropped_perturbations"] == ["GENE3"]
     theirs = theirs.loc[table.index]
-    # Not trivial: the halves disagree on some DE genes.
-    assert 0 < theirs["des"].mean() < 1
+    # Not trivial: the halves disagree on some DE genes and on the null perturbations.
+    assert 0 < theirs["des"].mean() < 1 and theirs["pds"].min() < 1
     np.testing.assert_array_equal(table["des"].to_numpy(), theirs["des"].to_numpy())
     np.testing.assert_array_equal(table["pds"].to_numpy(), theirs["pds"].to_numpy())
     np.testing.assert_allclose(table["mae"].to_numpy(), theirs["mae"].to_numpy(), rtol=1e-6)
