@@ -131,6 +131,7 @@ def test_calibrated_score_arithmetic() -> None:
     assert calibrated_score(0.7, 0.1, 0.5) == pytest.approx(1.5)  # not clipped
     # An error metric: the ceiling is below the baseline, so less error scores above 0.
     assert calibrated_score(0.02, 0.03, 0.01) == pytest.approx(0.5)
+    assert math.copysign(1, calibrated_score(0.03, 0.03, 0.01)) == 1  # 0, not -0
     assert math.isnan(calibrated_score(0.3, 0.5, 0.5))  # no room between baseline and ceiling
     assert math.isnan(calibrated_score(0.3, 0.1, math.nan))
     scores = calibrated_scores(

@@ -245,7 +245,7 @@ def calibrated_score(u: float, b: float, r: float) -> float:
     """
     if math.isnan(r) or r == b:
         return math.nan
-    return (u - b) / (r - b)
+    return (u - b) / (r - b) + 0.0  # + 0.0: the baseline scores 0, not -0 (an error's r < b)
 
 
 def calibrated_scores(
