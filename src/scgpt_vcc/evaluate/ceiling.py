@@ -139,19 +139,17 @@ def ceiling_from_half_split(half_split: Mapping[str, float]) -> dict[str, float]
 def half_split_table(real_path: Path, settings: EvalSettings) -> tuple[pd.DataFrame, Halves]:
     """DES, PDS and MAE per perturbation of one half of the real cells against the other
     (halves drawn with ``settings.ceiling_seed``)."""
-    s = settings
+    s, column = settings, settings.perturbation_column
     obs, _ = read_annotations(real_path)
-    if s.perturbation_column not in obs:
-        raise InputError(
-            real_path, f"obs.{s.perturbation_column}", "is missing", "write the real cells' labels"
-        )
-    obs = obs[[s.perturbation_column]]
-    halves = disjoint_halves(obs, s.perturbation_column, s.ceiling_seed)
-    n_control = int((obs[s.perturbation_column].astype(str) == s.control_label).sum())
+    if column not in obs:
+        raise InputError(real_path, f"obs.{column}", "is missing", "write the real cells' labels")
+    obs = obs[[column]]
+    halves = disjoint_halves(obs, column, s.ceiling_seed)
+    n_control = int((obs[column].astype(str) == s.control_label).sum())
     if n_control < 2:
         raise InputError(
             real_path,
-            f"obs.{s.perturbation_column}",
+            f"obs.{column}",
             f"has {n_control} '{s.control_label}' control cells",
             "the ceiling splits the controls in two halves: add control cells",
         )
@@ -161,14 +159,14 @@ def half_split_table(real_path: Path, settings: EvalSettings) -> tuple[pd.DataFr
         paths = (Path(tmp) / "half_a.h5ad", Path(tmp) / "half_b.h5ad")
         for path, rows in zip(paths, (halves.first, halves.second), strict=True):
             write_rows(real_path, rows, obs, path, s.chunk_size)
-        means = [group_means(path, s.perturbation_column, s.chunk_size) for path in paths]
+        means = [group_means(path, column, s.chunk_size) for path in paths]
         for half in means:
             check_log1p(real_path, half)
         table = vcc_metrics(
             *paths,
             *means,
             s.control_label,
-            s.perturbation_column,
+            column,
             s.vcc_group_size,
             s.threads,
         )
