@@ -1,6 +1,7 @@
 """Evaluation plots for the Snakemake report (PNG, fixed names in ``plots_dir``).
 
-- ``metrics.png``: one panel per metric, a bar per model type, sd over seeds as error bars;
+- ``metrics.png``: one panel per metric, a bar per model type, sd over seeds as error bars
+  (the calibrated ``vcc2026_*`` scores with lines at 0, the baseline, and 1, a replicate);
 - ``per_perturbation.png``: per-perturbation bars (mean over seeds) of a few key metrics;
 - ``change_scatter.png``: predicted vs true change from the control mean, all genes, for
   the strongest held-out perturbations (largest true change, first seed), one row per model
@@ -19,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from scgpt_vcc.evaluate.summary import CALIBRATED_PREFIX  # noqa: E402
 from scgpt_vcc.io import save_figure  # noqa: E402
 
 PLOT_FILES = ("metrics.png", "per_perturbation.png", "change_scatter.png")
@@ -40,6 +42,9 @@ def plot_metric_bars(summary: pd.DataFrame, path: Path) -> None:
         ax.bar(range(len(models)), means, yerr=sds, capsize=3, color="tab:blue")
         ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
         ax.set_title(metric)
+        if metric.startswith(CALIBRATED_PREFIX):  # calibrated: 0 = baseline, 1 = replicate
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.axhline(1, color="tab:green", lw=0.8, ls="--")
     for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()

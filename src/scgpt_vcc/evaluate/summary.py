@@ -25,6 +25,8 @@ from scgpt_vcc.io import write_text_atomic
 
 SUMMARY_METRICS = (*ALL_METRICS, "challenge_score")
 LOWER_IS_BETTER = frozenset({"mse", "mse_de", "mae"})
+# summary.csv's metrics scored between a baseline (0) and a replicate of the data (1).
+CALIBRATED_PREFIX = "vcc2026_"
 
 
 def run_dir(eval_dir: Path, seed: int, model_type: str) -> Path:
@@ -157,7 +159,7 @@ def summarize(
         from scgpt_vcc.evaluate.vcc2026 import collect_vcc2026
 
         vcc2026 = collect_vcc2026(eval_dir, seeds, model_types)
-        scores = vcc2026.assign(metric="vcc2026_" + vcc2026["metric"])
+        scores = vcc2026.assign(metric=CALIBRATED_PREFIX + vcc2026["metric"])
         scores = scores.pivot(index=["seed", "model_type"], columns="metric", values="score")
         summary = pd.concat([summary, seed_statistics(scores.reset_index())], ignore_index=True)
     first = json.loads(
