@@ -4,7 +4,8 @@ cell-eval2 scores six metrics (docs/metrics.md, "VCC 2026"), each calibrated as
 ``s = (u - b) / (r - b)``: ``u`` the model's value, ``b`` the value of cell-eval2's
 mean-response baseline built from the held-out real cells, ``r`` a replicate of the real
 cells against themselves (split halves, five splits). 0 is the baseline, 1 a repeat of the
-experiment; the score of a context is the mean of the six, unclipped.
+experiment (cell-eval2 clips ``expr_mse_unbiased_capped_norm`` to [0, 1] and floors
+``de_wilcoxon_lfc_nmae`` at -6); the score of a context is the mean of the six.
 
 Two steps, both through cell-eval2's own command line (:func:`cell_eval2.cli.main`), so that
 its checks and provenance files are the ones the competition uses:
@@ -255,8 +256,9 @@ def vcc2026_markdown(frame: pd.DataFrame) -> list[str]:
         "## VCC 2026 (cell-eval2, profile vcc2026)",
         "",
         "Calibrated score s = (u − b) / (r − b) per metric: 0 = cell-eval2's mean-response "
-        "baseline b, 1 = a replicate r of the real cells; `score` = mean of the six "
-        "(unclipped). Cells: s (raw u).",
+        "baseline b, 1 = a replicate r of the real cells (cell-eval2 clips "
+        "expr_mse_unbiased_capped_norm to [0, 1]); `score` = mean of the six. "
+        "Cells: s (raw u).",
         "",
         "| model_type | score | " + " | ".join(metrics) + " |",
         "|" + "---|" * (len(metrics) + 2),
