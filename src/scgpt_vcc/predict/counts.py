@@ -51,7 +51,7 @@ from scgpt_vcc.io import (
     read_annotations,
     read_uns,
 )
-from scgpt_vcc.predict.cells import PREDICTION_UNS, REAL_MODEL_TYPE
+from scgpt_vcc.predict.cells import PREDICTION_UNS, REAL_MODEL_TYPE, ExpressionData
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _gene_columns(
 
 
 def _data_target_sum(converted_path: Path) -> float:
-    target_sum = read_uns(converted_path).get("scgpt_vcc", {}).get("target_sum")
+    target_sum = ExpressionData(converted_path).target_sum
     if target_sum is None:
         raise InputError(
             converted_path, "uns.scgpt_vcc.target_sum", "is missing", "run convert-to-gears"
