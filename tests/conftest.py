@@ -69,6 +69,9 @@ TINY_CONFIG = {
         "n_perturbations": 8,
         "n_validation_perturbations": 3,
     },
+    # Two held-out perturbations are too few for cell-eval2 to calibrate (its baseline is
+    # degenerate, a clear error); tests/test_evaluate_vcc2026.py and the demo run vcc2026.
+    "evaluate": {"profiles": ["vcc2025"]},
 }
 
 

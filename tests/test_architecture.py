@@ -1,5 +1,6 @@
 """The package's imports flow one way: data -> model -> train / predict -> evaluate ->
-submission -> cli, with errors, then io and stats, beneath everything.
+submission / submission_counts (VCC 2025 / 2026 form) -> cli, with errors, then io and
+stats, beneath everything.
 
 A module may import its own subpackage and any lower layer, never a higher one or a peer
 (training and prediction do not import each other). Function-level imports count too.
@@ -18,7 +19,7 @@ LAYERS = {
     "model": 3,
     "train": 4, "predict": 4,
     "evaluate": 5,
-    "submission": 6,
+    "submission": 6, "submission_counts": 6,
     "cli": 7,
 }  # fmt: skip
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from scgpt_vcc.cli import main
-from scgpt_vcc.evaluate.run import ALL_METRICS
-from scgpt_vcc.evaluate.summary import SUMMARY_METRICS
+from scgpt_vcc.evaluate.run import ALL_METRICS, PROFILES
+from scgpt_vcc.evaluate.summary import SUMMARY_METRICS, summarize
 
 # model -> seed -> per-perturbation values of every metric (P1, P2).
 VALUES = {
@@ -91,7 +91,7 @@ def test_mean_sd_and_wins(tmp_path: Path) -> None:
     text = (out / "summary.md").read_text()
     assert "| linear | 0.5750 ± 0.0354" in text
     assert "2/1/1" in text
-    assert "VCC 2025" not in text  # evaluated without a ceiling
+    assert "## VCC 2025" not in text  # evaluated without a ceiling
     for name in ("metrics.png", "per_perturbation.png", "change_scatter.png", "calibrated.png"):
         assert (out / "plots" / name).stat().st_size > 1000
 
@@ -137,3 +137,28 @@ def test_ceiling_and_calibrated_scores(tmp_path: Path) -> None:
     assert "| linear | 0.5750 / 0.8000 / 0.4000 | 0.5750 / 0.9000 / 0.6000 |" in text
     assert "| train_mean | 0.5000 / 0.8000 / 0.0000 |" in text
     assert (out / "plots" / "calibrated.png").stat().st_size > 1000
+
+
+def test_vcc2026_scores_join_the_summary(tmp_path: Path) -> None:
+    """With profile vcc2026 each model's calibrated scores are summary metrics too."""
+    members = ("pds_cosine", "de_wilcoxon_sig_jaccard")
+    for model, seeds in VALUES.items():
+        for seed, values in seeds.items():
+            write_run(tmp_path, seed, model, values)
+            score = float(np.mean(values))  # e.g. linear: 0.55 (seed 1) and 0.6 (seed 2)
+            entry = {"value": 0.5, "baseline": 0.4, "replicate": 0.9, "score": score}
+            document = {"score": score, "metrics": {m: entry for m in members}}
+            (tmp_path / f"seed{seed}" / model / "metrics_vcc2026.json").write_text(
+                json.dumps(document)
+            )
+    out = tmp_path / "summary"
+    summary = summarize(
+        tmp_path, [1, 2], list(VALUES), out / "summary.md", out / "summary.csv",
+        plots_dir=out / "plots", profiles=PROFILES,
+    )  # fmt: skip
+    row = summary.set_index(["model_type", "metric"]).loc[("linear", "vcc2026_score")]
+    assert row["mean"] == pytest.approx(0.575) and row["n_seeds"] == 2
+    assert ("linear", "vcc2026_pds_cosine") in summary.set_index(["model_type", "metric"]).index
+    text = (out / "summary.md").read_text()
+    assert "## VCC 2026" in text and "| linear | 0.575 |" in text
+    assert "| b / r | | 0.400 / 0.900 | 0.400 / 0.900 |" in text

@@ -49,6 +49,42 @@ def test_split_evaluation_equals_cell_eval(pair, reference, group_size: int) -> 
     np.testing.assert_allclose(ours["mae"].to_numpy(), ref["mae"].to_numpy(), rtol=1e-6)
 
 
+def _cell_eval2_v1(real: Path, pred: Path, fdr_scope: str | None = None):
+    """cell-eval2's ``v1`` preset (the VCC 2025 leaderboard's metrics), ``vcc`` profile."""
+    import warnings
+    from dataclasses import replace
+
+    from cell_eval2 import EvalConfig, compute_metrics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # v1 is marked as deprecating
+        config = EvalConfig.from_preset("v1")
+    config = replace(config, pert_col="target_gene", control=CONTROL, metrics="vcc")
+    if fdr_scope is not None:
+        config = replace(config, de=replace(config.de, fdr_scope=fdr_scope))
+    long = compute_metrics(str(pred), str(real), config=config).to_pandas()
+    names = {"overlap_at_N": "des", "discrimination_score_l1": "pds", "mae": "mae"}
+    table = long.pivot(index="perturbation", columns="metric", values="value").rename(columns=names)
+    table.index = table.index.astype(str)
+    return table[list(NAMES)]
+
+
+def test_cell_eval2_v1_parity(pair, reference) -> None:
+    """cell-eval2's v1 against our cell-eval 0.8.2 numbers (docs/metrics.md, "Parity"): PDS
+    equal, MAE within float32 accumulation; DES equal once v1 corrects FDR within each
+    perturbation as pdex 0.3.0 does, and different with v1's pooled FDR (the 2025
+    leaderboard's cell-eval 0.6.6 + pdex 0.1.27)."""
+    real, pred, perts = pair
+    per_perturbation = _cell_eval2_v1(real, pred, fdr_scope="per_pert").loc[sorted(perts)]
+    ref = reference.loc[sorted(perts)]
+    np.testing.assert_array_equal(per_perturbation["des"], ref["des"])
+    np.testing.assert_array_equal(per_perturbation["pds"], ref["pds"])
+    np.testing.assert_allclose(per_perturbation["mae"], ref["mae"], rtol=1e-6)
+    pooled = _cell_eval2_v1(real, pred).loc[sorted(perts)]
+    np.testing.assert_array_equal(pooled["pds"], ref["pds"])
+    assert (pooled["des"] != ref["des"]).any()
+
+
 def test_challenge_score_matches_cell_eval_scoring() -> None:
     from cell_eval import score_agg_metrics
 

@@ -17,9 +17,10 @@ from scgpt_vcc.data.de import compute_de
 from scgpt_vcc.data.qc import write_qc
 from scgpt_vcc.data.splits import build_split
 from scgpt_vcc.data.synthetic import SyntheticSpec
-from scgpt_vcc.evaluate.run import DEFAULT_BASELINE, EvalSettings
+from scgpt_vcc.evaluate.run import DEFAULT_BASELINE, PROFILES, EvalSettings
 from scgpt_vcc.model.random_checkpoint import write_random_checkpoint
 from scgpt_vcc.predict import MODEL_TYPES
+from scgpt_vcc.predict.counts import CountSettings
 from scgpt_vcc.predict.run import PredictSettings
 from scgpt_vcc.submission import SubmissionSettings
 from scgpt_vcc.train.config import TrainConfig
@@ -44,7 +45,7 @@ def _shared_fields(section: str, settings: type) -> list[tuple[str, object]]:
 @pytest.mark.parametrize(
     ("section", "settings"),
     [("train", TrainConfig), ("predict", PredictSettings), ("submission", SubmissionSettings),
-     ("evaluate", EvalSettings)],
+     ("evaluate", EvalSettings), ("counts", CountSettings)],
 )  # fmt: skip
 def test_defaults_agree(section: str, settings: type) -> None:
     shared = _shared_fields(section, settings)
@@ -140,3 +141,10 @@ def test_the_schema_knows_the_package_model_types() -> None:
     assert SCHEMA["properties"]["evaluate"]["properties"]["model_types"]["default"] == list(
         MODEL_TYPES
     )
+
+
+def test_profiles_are_the_packages() -> None:
+    profiles = SCHEMA["properties"]["evaluate"]["properties"]["profiles"]
+    assert tuple(profiles["items"]["enum"]) == PROFILES
+    assert profiles["contains"] == {"const": PROFILES[0]}  # vcc2025 always runs
+    assert CONFIG["evaluate"]["profiles"] == profiles["default"] == list(PROFILES)

@@ -180,3 +180,49 @@ def test_demo_submission_gets_a_real_score(
         assert np.isfinite(result[key])
     assert 0 <= result["challenge_score"] <= 100
     assert 0 < result["mae"] < 1
+
+
+def test_counts_submission_passes_cell_eval2s_checks(
+    synthetic_dir: Path, converted_path: Path, all_train: Path, tmp_path: Path
+) -> None:
+    """The VCC 2026 form: raw counts of the same cells, genes and labels, validated by
+    cell-eval2 against the true counts; a gene order other than the truth's is refused."""
+    from scgpt_vcc.io import CsrRowReader
+    from scgpt_vcc.submission_counts import make_counts_submission
+
+    genes = read_gene_list(synthetic_dir / "genes.csv")
+    args = (synthetic_dir / "validation.csv", synthetic_dir / "genes.csv")
+    settings = SubmissionSettings(model_type="train_mean")
+    _write(converted_path, all_train, *args, tmp_path / "prediction.h5ad", settings)
+    summary = make_counts_submission(
+        tmp_path / "prediction.h5ad",
+        converted_path,
+        tmp_path / "out",
+        "non-targeting",
+        truth=synthetic_dir / "truth.h5ad",
+    )
+    counts = ad.read_h5ad(tmp_path / "out" / "prediction_counts.h5ad")
+    submission = ad.read_h5ad(tmp_path / "prediction.h5ad")
+    assert list(counts.var_names) == genes
+    assert counts.obs["target_gene"].equals(submission.obs["target_gene"])
+    x = counts.X.toarray()
+    assert x.min() >= 0 and np.array_equal(x, np.round(x)) and x.sum(axis=1).max() <= 1e6
+    assert summary["validated_against_truth"] and summary["n_perturbations"] == len(
+        pd.read_csv(args[0])
+    )
+    # Control cells are the training controls' measured counts, on the submission's genes.
+    data = ExpressionData(converted_path)
+    column = [data.genes.index(g) for g in genes]
+    controls = (counts.obs["target_gene"] == "non-targeting").to_numpy()
+    measured = CsrRowReader(converted_path, "layers/counts").read_csr(
+        counts.obs["input_row"].to_numpy()[controls]
+    )
+    np.testing.assert_array_equal(x[controls], measured[:, column].toarray())
+
+    shuffled = [genes[i] for i in np.random.default_rng(1).permutation(len(genes))]
+    write_gene_list(shuffled, tmp_path / "shuffled.csv")
+    _write(converted_path, all_train, args[0], tmp_path / "shuffled.csv",
+           tmp_path / "shuffled.h5ad", settings)  # fmt: skip
+    with pytest.raises(InputError, match="cell-eval2's validation: gene names/order differ"):
+        make_counts_submission(tmp_path / "shuffled.h5ad", converted_path, tmp_path / "bad",
+                               "non-targeting", truth=synthetic_dir / "truth.h5ad")  # fmt: skip

@@ -449,11 +449,25 @@ def submission_dir(model_type):
     return f"{SUBMISSION_DIR}/{model_type}"
 
 
+# The true counts of the submission's list (synthetic data only; written by make_synthetic_dataset).
+SUBMISSION_TRUTH = f"resources/{DATASET}/adata_Validation_truth.h5ad"
+
+
+def submission_truth_counts():
+    return [SUBMISSION_TRUTH] if SYNTHETIC else []
+
+
 def submission_outputs():
     folder = submission_dir(SUBMIT_CFG["model"])
-    outputs = [f"{folder}/prediction.prep.vcc", f"{folder}/submission.json"]
+    outputs = [
+        f"{folder}/prediction.prep.vcc",
+        f"{folder}/submission.json",
+        f"{folder}/submission_counts.json",
+    ]
     if SYNTHETIC:
         outputs.append(f"{folder}/score.json")
+        if VCC2026:
+            outputs.append(f"{folder}/metrics_vcc2026.json")
     return outputs
 
 
@@ -508,11 +522,25 @@ def ceiling_options():
     )
 
 
+COUNTS_CFG = config["counts"]
+VCC2026 = "vcc2026" in EVAL_CFG["profiles"]
+
+
+def counts_options():
+    return cli_options(**COUNTS_CFG)
+
+
+def vcc2026_options():
+    return cli_options(control_label=config["control_label"])
+
+
 def eval_outputs():
+    profile_files = ["metrics.json", *(["metrics_vcc2026.json"] if VCC2026 else [])]
     return [
-        f"{EVAL_DIR}/seed{seed}/{model}/metrics.json"
+        f"{EVAL_DIR}/seed{seed}/{model}/{name}"
         for seed in config["seeds"]
         for model in EVAL_CFG["model_types"]
+        for name in profile_files
     ]
 
 

@@ -8,7 +8,7 @@ if SYNTHETIC:
             adata=config["raw_adata"],
             validation_counts=config["validation_counts"],
             gene_names=config["gene_names"],
-            validation_truth=f"resources/{DATASET}/adata_Validation_truth.h5ad",
+            validation_truth=SUBMISSION_TRUTH,
         log:
             f"logs/{DATASET}/make_synthetic_dataset.log",
         benchmark:

@@ -59,6 +59,55 @@ rule evaluate:
         " {params.baseline} {params.options} 2> {log}"
 
 
+rule vcc2026_reference:
+    input:
+        real=f"{PREDICTIONS_DIR}/seed{{seed}}/counts/real.h5ad",
+    output:
+        reference=directory(f"{EVAL_DIR}/seed{{seed}}/vcc2026_reference"),
+    log:
+        f"logs/{DATASET}/vcc2026_reference_seed{{seed}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/vcc2026_reference_seed{{seed}}.tsv"
+    conda:
+        "../envs/scgpt-vcc.yaml"
+    threads: EVAL_CFG["threads"]
+    resources:
+        mem_mb=EVAL_CFG["mem_mb"],
+    params:
+        options=vcc2026_options(),
+    shell:
+        "scgpt-vcc vcc2026-reference --real {input.real} --output {output.reference}"
+        " --threads {threads} {params.options} 2> {log}"
+
+
+rule evaluate_vcc2026:
+    input:
+        real=f"{PREDICTIONS_DIR}/seed{{seed}}/counts/real.h5ad",
+        pred=f"{PREDICTIONS_DIR}/seed{{seed}}/counts/{{model_type}}.h5ad",
+        reference=f"{EVAL_DIR}/seed{{seed}}/vcc2026_reference",
+    output:
+        metrics=f"{EVAL_DIR}/seed{{seed}}/{{model_type}}/metrics_vcc2026.json",
+        table=f"{EVAL_DIR}/seed{{seed}}/{{model_type}}/per_perturbation_vcc2026.csv",
+    log:
+        f"logs/{DATASET}/evaluate_vcc2026_seed{{seed}}_{{model_type}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/evaluate_vcc2026_seed{{seed}}_{{model_type}}.tsv"
+    wildcard_constraints:
+        model_type="|".join(EVAL_CFG["model_types"]),
+    conda:
+        "../envs/scgpt-vcc.yaml"
+    threads: EVAL_CFG["threads"]
+    resources:
+        mem_mb=EVAL_CFG["mem_mb"],
+    params:
+        options=vcc2026_options(),
+        outdir=lambda w, output: Path(output.metrics).parent,
+    shell:
+        "scgpt-vcc evaluate-vcc2026 --real {input.real} --pred {input.pred}"
+        " --reference {input.reference} --outdir {params.outdir}"
+        " --model-type {wildcards.model_type} --threads {threads} {params.options} 2> {log}"
+
+
 rule summarize_eval:
     input:
         metrics=eval_outputs(),
@@ -96,9 +145,10 @@ rule summarize_eval:
     params:
         seeds=" ".join(str(s) for s in config["seeds"]),
         models=" ".join(EVAL_CFG["model_types"]),
+        profiles=" ".join(EVAL_CFG["profiles"]),
         eval_dir=lambda w, output: Path(output.md).parent,
         plots=lambda w, output: Path(output.metrics_plot).parent,
     shell:
         "scgpt-vcc summarize --eval-dir {params.eval_dir} --seeds {params.seeds}"
         " --model-types {params.models} --out-md {output.md} --out-csv {output.csv}"
-        " --plots-dir {params.plots} 2> {log}"
+        " --plots-dir {params.plots} --profiles {params.profiles} 2> {log}"

@@ -56,3 +56,24 @@ rule heldout_real:
         "scgpt-vcc heldout-real --data {input.data} --split {input.split}"
         " --pairing {input.pairing} --seed {wildcards.seed} --output {output.h5ad}"
         " {params.options} 2> {log}"
+
+
+rule prediction_counts:
+    input:
+        pred=f"{PREDICTIONS_DIR}/seed{{seed}}/{{name}}.h5ad",
+        converted=f"{GEARS_DIR}/converted.h5ad",
+    output:
+        h5ad=f"{PREDICTIONS_DIR}/seed{{seed}}/counts/{{name}}.h5ad",
+    log:
+        f"logs/{DATASET}/prediction_counts_seed{{seed}}_{{name}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/prediction_counts_seed{{seed}}_{{name}}.tsv"
+    wildcard_constraints:
+        name="|".join(["real", *EVAL_CFG["model_types"]]),
+    conda:
+        "../envs/scgpt-vcc.yaml"
+    params:
+        options=counts_options(),
+    shell:
+        "scgpt-vcc counts --pred {input.pred} --converted {input.converted}"
+        " --output {output.h5ad} {params.options} 2> {log}"

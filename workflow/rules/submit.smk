@@ -47,11 +47,36 @@ use rule submission_baseline as submission_scgpt with:
         gpu_model=GPU["slurm_gpu"],
 
 
+rule submission_counts:
+    input:
+        submission=f"{SUBMISSION_DIR}/{{model_type}}/prediction.h5ad",
+        converted=f"{GEARS_DIR}/converted.h5ad",
+        truth=submission_truth_counts(),
+    output:
+        h5ad=f"{SUBMISSION_DIR}/{{model_type}}/prediction_counts.h5ad",
+        summary=f"{SUBMISSION_DIR}/{{model_type}}/submission_counts.json",
+    log:
+        f"logs/{DATASET}/submission_counts_{{model_type}}.log",
+    benchmark:
+        f"benchmarks/{DATASET}/submission_counts_{{model_type}}.tsv"
+    conda:
+        "../envs/scgpt-vcc.yaml"
+    params:
+        outdir=lambda w, output: Path(output.h5ad).parent,
+        truth=lambda w, input: f"--truth {input.truth}" if input.truth else "",
+        control_label=config["control_label"],
+        options=counts_options(),
+    shell:
+        "scgpt-vcc submission-counts --submission {input.submission}"
+        " --converted {input.converted} --outdir {params.outdir}"
+        " --control-label {params.control_label} {params.truth} {params.options} 2> {log}"
+
+
 if SYNTHETIC:
 
     rule convert_submission_truth:
         input:
-            adata=f"resources/{DATASET}/adata_Validation_truth.h5ad",
+            adata=SUBMISSION_TRUTH,
         output:
             adata=f"{SUBMISSION_DIR}/truth.h5ad",
         log:
@@ -88,3 +113,28 @@ if SYNTHETIC:
             "scgpt-vcc score-submission --submission {input.submission}"
             " --baseline {input.baseline} --truth {input.truth} --output {output.score}"
             " --control-label {params.control_label} --threads {threads} 2> {log}"
+
+    if VCC2026:
+
+        use rule vcc2026_reference as submission_vcc2026_reference with:
+            input:
+                real=SUBMISSION_TRUTH,
+            output:
+                reference=directory(f"{SUBMISSION_DIR}/vcc2026_reference"),
+            log:
+                f"logs/{DATASET}/submission_vcc2026_reference.log",
+            benchmark:
+                f"benchmarks/{DATASET}/submission_vcc2026_reference.tsv"
+
+        use rule evaluate_vcc2026 as score_submission_vcc2026 with:
+            input:
+                real=SUBMISSION_TRUTH,
+                pred=f"{SUBMISSION_DIR}/{{model_type}}/prediction_counts.h5ad",
+                reference=f"{SUBMISSION_DIR}/vcc2026_reference",
+            output:
+                metrics=f"{SUBMISSION_DIR}/{{model_type}}/metrics_vcc2026.json",
+                table=f"{SUBMISSION_DIR}/{{model_type}}/per_perturbation_vcc2026.csv",
+            log:
+                f"logs/{DATASET}/score_submission_vcc2026_{{model_type}}.log",
+            benchmark:
+                f"benchmarks/{DATASET}/score_submission_vcc2026_{{model_type}}.tsv"

@@ -73,8 +73,35 @@ def declare_vcc_ceiling(p: argparse.ArgumentParser) -> None:
     p.set_defaults(handler=lambda a: call(vcc_ceiling, a, settings=call(EvalSettings, a)))
 
 
+@command("vcc2026-reference", "cell-eval2's baseline and replicate of the real counts")
+def declare_vcc2026_reference(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.evaluate.vcc2026 import Vcc2026Settings, build_reference
+
+    p.add_argument("--real", dest="real_counts", type=Path, required=True,
+                   help="counts/real.h5ad")  # fmt: skip
+    p.add_argument("--output", type=Path, required=True, help="reference folder to write")
+    add_options(p, Vcc2026Settings, helps={"threads": "cell-eval2 threads"})
+    p.set_defaults(handler=lambda a: call(build_reference, a, settings=call(Vcc2026Settings, a)))
+
+
+@command("evaluate-vcc2026", "cell-eval2's VCC 2026 metrics of one model type's counts")
+def declare_evaluate_vcc2026(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.evaluate.vcc2026 import Vcc2026Settings, score_vcc2026
+
+    p.add_argument("--real", dest="real_counts", type=Path, required=True,
+                   help="counts/real.h5ad")  # fmt: skip
+    p.add_argument("--pred", dest="pred_counts", type=Path, required=True,
+                   help="counts/{model_type}.h5ad")  # fmt: skip
+    p.add_argument("--reference", type=Path, required=True, help="vcc2026-reference folder")
+    p.add_argument("--outdir", type=Path, required=True)
+    p.add_argument("--model-type", required=True)
+    add_options(p, Vcc2026Settings, helps={"threads": "cell-eval2 threads"})
+    p.set_defaults(handler=lambda a: call(score_vcc2026, a, settings=call(Vcc2026Settings, a)))
+
+
 @command("summarize", "mean ± sd over seeds, wins over train_mean, plots")
 def declare_summarize(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.evaluate.run import PROFILES
     from scgpt_vcc.evaluate.summary import summarize
 
     p.add_argument("--eval-dir", type=Path, required=True, help="results/eval/{dataset}")
@@ -83,6 +110,7 @@ def declare_summarize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-md", type=Path, required=True)
     p.add_argument("--out-csv", type=Path, required=True)
     p.add_argument("--plots-dir", type=Path, default=None)
+    p.add_argument("--profiles", nargs="+", default=[PROFILES[0]], choices=PROFILES)
     p.set_defaults(handler=lambda a: call(summarize, a))
 
 

@@ -131,6 +131,37 @@ def declare_heldout_real(p: argparse.ArgumentParser) -> None:
     )
 
 
+@command("counts", "a prediction file (or real.h5ad) as raw integer counts")
+def declare_counts(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.predict.counts import CountSettings, write_counts
+
+    p.add_argument("--pred", dest="pred_path", type=Path, required=True,
+                   help="{model_type}.h5ad or real.h5ad")  # fmt: skip
+    p.add_argument("--converted", dest="converted_path", type=Path, required=True,
+                   help="converted.h5ad (layers counts)")  # fmt: skip
+    p.add_argument("--output", type=Path, required=True, help="counts h5ad to write")
+    add_options(p, CountSettings, helps={"chunk_size": "cells per chunk"})
+    p.set_defaults(handler=lambda a: call(write_counts, a, settings=call(CountSettings, a)))
+
+
+@command("submission-counts", "the VCC 2026 form of a submission: raw counts, validated")
+def declare_submission_counts(p: argparse.ArgumentParser) -> None:
+    from scgpt_vcc.predict.counts import CountSettings
+    from scgpt_vcc.submission_counts import make_counts_submission
+
+    p.add_argument("--submission", type=Path, required=True, help="prediction.h5ad")
+    p.add_argument("--converted", type=Path, required=True,
+                   help="converted.h5ad (layers counts)")  # fmt: skip
+    p.add_argument("--outdir", type=Path, required=True)
+    p.add_argument("--control-label", required=True, help="the control value of target_gene")
+    p.add_argument("--truth", type=Path, default=None,
+                   help="true counts of the list (synthetic data): check the pair")  # fmt: skip
+    add_options(p, CountSettings, helps={"chunk_size": "cells per chunk"})
+    p.set_defaults(
+        handler=lambda a: call(make_counts_submission, a, settings=call(CountSettings, a))
+    )
+
+
 @command("submission", "VCC submission h5ad and .vcc file (cell-eval prep)")
 def declare_submission(p: argparse.ArgumentParser) -> None:
     from scgpt_vcc.predict.run import PredictSettings

@@ -74,6 +74,8 @@ def _parser_for(hint: Any) -> tuple[Callable[[str], Any], dict[str, Any]]:
                 raise TypeError(f"no command-line form for {hint}")
         return (_optional(parse) if type(None) in typing.get_args(hint) else parse), {}
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return str, {"choices": typing.get_args(hint)}
     if origin is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
         return _comma_separated, {}
     if origin in (list, Sequence):
@@ -109,6 +111,7 @@ def add_options(
         if name in skip:
             continue
         parse, extra = _parser_for(hint)
+        allowed = choices.get(name, extra.pop("choices", None))
         if isinstance(default, tuple) and parse is _comma_separated:
             shown = ",".join(default)
         else:
@@ -117,7 +120,7 @@ def add_options(
             f"--{name.replace('_', '-')}",
             type=parse,
             default=list(default) if extra.get("action") == "extend" else default,
-            choices=choices.get(name),
+            choices=allowed,
             help=f"{helps.get(name, '')} (default: {shown})".lstrip(),
             **extra,
         )

@@ -1,6 +1,7 @@
 """Evaluation plots for the Snakemake report (PNG, fixed names in ``plots_dir``).
 
-- ``metrics.png``: one panel per metric, a bar per model type, sd over seeds as error bars;
+- ``metrics.png``: one panel per metric, a bar per model type, sd over seeds as error bars
+  (the calibrated ``vcc2026_*`` scores with lines at 0, the baseline, and 1, a replicate);
 - ``per_perturbation.png``: per-perturbation bars (mean over seeds) of a few key metrics;
 - ``change_scatter.png``: predicted vs true change from the control mean, all genes, for
   the strongest held-out perturbations (largest true change, first seed), one row per model
@@ -23,6 +24,7 @@ import pandas as pd  # noqa: E402
 
 from scgpt_vcc.evaluate.summary import (  # noqa: E402
     CALIBRATED_MEAN,
+    CALIBRATED_PREFIX,
     calibrated_column,
 )
 from scgpt_vcc.evaluate.vcc import VCC_METRICS  # noqa: E402
@@ -30,6 +32,7 @@ from scgpt_vcc.io import save_figure  # noqa: E402
 
 PLOT_FILES = ("metrics.png", "per_perturbation.png", "change_scatter.png", "calibrated.png")
 PER_PERTURBATION_METRICS = ("pearson_delta", "des", "mae")
+VCC2025_CALIBRATED = (*(calibrated_column(m) for m in VCC_METRICS), CALIBRATED_MEAN)
 N_STRONGEST = 4
 DPI = 110
 
@@ -47,6 +50,10 @@ def plot_metric_bars(summary: pd.DataFrame, path: Path) -> None:
         ax.bar(range(len(models)), means, yerr=sds, capsize=3, color="tab:blue")
         ax.set_xticks(range(len(models)), models, rotation=45, ha="right")
         ax.set_title(metric)
+        if metric.startswith(CALIBRATED_PREFIX) or metric in VCC2025_CALIBRATED:
+            # calibrated: 0 = baseline, 1 = replicate (VCC 2026) or ceiling (VCC 2025)
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.axhline(1, color="tab:green", lw=0.8, ls="--")
     for ax in axes.flat[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()
@@ -112,7 +119,7 @@ def plot_change_scatter(eval_dir: Path, seed: int, model_types: Sequence[str], p
 
 def plot_calibrated(summary: pd.DataFrame, path: Path) -> None:
     """Calibrated scores per metric, a bar per model, with lines at 0 (baseline) and 1 (ceiling)."""
-    columns = [*(calibrated_column(m) for m in VCC_METRICS), CALIBRATED_MEAN]
+    columns = list(VCC2025_CALIBRATED)
     labels = [*(m.upper() for m in VCC_METRICS), "mean"]
     fig, ax = plt.subplots(figsize=(8, 4))
     rows = summary[summary["metric"].isin(columns)]

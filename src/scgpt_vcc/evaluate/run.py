@@ -37,6 +37,9 @@ from scgpt_vcc.io import atomic_path, write_json_atomic
 log = logging.getLogger(__name__)
 
 ALL_METRICS = (*GEARS_METRICS, *VCC_METRICS)
+# The metric suites (config evaluate.profiles): vcc2025 = this module, always run;
+# vcc2026 = cell-eval2 on raw counts (evaluate/vcc2026.py).
+PROFILES = ("vcc2025", "vcc2026")
 BASELINE_MODEL = "train_mean"
 # The VCC validation-phase cell-mean baseline as published by the challenge; only
 # meaningful for the real validation set (docs/metrics.md).

@@ -24,12 +24,14 @@ import numpy as np
 import pandas as pd
 
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.evaluate.run import ALL_METRICS, BASELINE_MODEL
+from scgpt_vcc.evaluate.run import ALL_METRICS, BASELINE_MODEL, PROFILES
 from scgpt_vcc.evaluate.vcc import VCC_METRICS
 from scgpt_vcc.io import write_text_atomic
 
 SUMMARY_METRICS = (*ALL_METRICS, "challenge_score")
 LOWER_IS_BETTER = frozenset({"mse", "mse_de", "mae"})
+# summary.csv's metrics scored between a baseline (0) and a replicate of the data (1).
+CALIBRATED_PREFIX = "vcc2026_"
 CALIBRATED_MEAN = "calibrated_mean"
 
 
@@ -210,23 +212,41 @@ def summarize(
     out_md: str | Path,
     out_csv: str | Path,
     plots_dir: str | Path | None = None,
+    profiles: Sequence[str] = PROFILES[:1],
 ) -> pd.DataFrame:
-    """Write summary.csv, summary.md and (if ``plots_dir``) the evaluation plots."""
+    """Write summary.csv, summary.md and (if ``plots_dir``) the evaluation plots.
+
+    With profile ``vcc2026``, cell-eval2's calibrated scores join summary.csv as metrics
+    ``vcc2026_<metric>`` (and ``vcc2026_score``) and summary.md gets their section.
+    """
     runs, per_perturbation = collect(eval_dir, seeds, model_types)
     summary = summary_frame(runs, per_perturbation)
+    vcc2026 = None
+    if "vcc2026" in profiles:
+        from scgpt_vcc.evaluate.vcc2026 import collect_vcc2026
+
+        vcc2026 = collect_vcc2026(eval_dir, seeds, model_types)
+        scores = vcc2026.assign(metric=CALIBRATED_PREFIX + vcc2026["metric"])
+        scores = scores.pivot(index=["seed", "model_type"], columns="metric", values="score")
+        summary = pd.concat([summary, seed_statistics(scores.reset_index())], ignore_index=True)
     first = json.loads(
         (run_dir(Path(eval_dir), seeds[0], model_types[0]) / "metrics.json").read_text()
     )
     notes = [
         f"{first['n_perturbations']} held-out perturbations per seed; cell-eval "
         f"{first['cell_eval_version']} (profile vcc).",
-        "challenge_score and the calibrated scores: against "
+        "challenge_score and the VCC 2025 calibrated scores: against "
         + ("this run's train_mean" if BASELINE_MODEL in model_types else "the configured baseline")
         + " (0 for train_mean itself).",
         "sd is empty with a single seed.",
     ]
     write_text_atomic(out_csv, summary.to_csv(index=False))
-    write_text_atomic(out_md, summary_markdown(summary, runs, notes))
+    markdown = summary_markdown(summary, runs, notes)
+    if vcc2026 is not None:
+        from scgpt_vcc.evaluate.vcc2026 import vcc2026_markdown
+
+        markdown += "\n".join(vcc2026_markdown(vcc2026)) + "\n"
+    write_text_atomic(out_md, markdown)
     if plots_dir is not None:
         from scgpt_vcc.evaluate.plots import write_plots
 

@@ -56,6 +56,10 @@ from scgpt_vcc.predict.population import (
 
 log = logging.getLogger(__name__)
 
+# uns section of every prediction file, and the model type recorded in real.h5ad's.
+PREDICTION_UNS = "scgpt_vcc_prediction"
+REAL_MODEL_TYPE = "real"
+
 
 class ExpressionData:
     """A GEARS-format h5ad (``perturb_processed.h5ad`` or ``converted.h5ad``) read by rows."""

@@ -19,6 +19,8 @@ from scgpt_vcc.model.renames import read_renames
 from scgpt_vcc.predict import MODEL_TYPES, SCGPT_MODEL_TYPES
 from scgpt_vcc.predict.baselines import fit_baseline, training_perturbations
 from scgpt_vcc.predict.cells import (
+    PREDICTION_UNS,
+    REAL_MODEL_TYPE,
     ExpressionData,
     Group,
     heldout_groups,
@@ -113,7 +115,7 @@ def _plan(
 
 def _uns(model_type: str, split_path: Path, settings: PredictSettings) -> dict:
     info = {k: v for k, v in asdict(settings).items() if v is not None}
-    return {"scgpt_vcc_prediction": {"model_type": model_type, "split": str(split_path), **info}}
+    return {PREDICTION_UNS: {"model_type": model_type, "split": str(split_path), **info}}
 
 
 def predict_heldout(
@@ -161,5 +163,5 @@ def write_real(
         groups,
         None,
         batch_size=max(settings.batch_size, 1024),
-        uns=_uns("real", Path(split_path), settings),
+        uns=_uns(REAL_MODEL_TYPE, Path(split_path), settings),
     )
