@@ -32,6 +32,8 @@ from scgpt_vcc.io import save_figure  # noqa: E402
 
 PLOT_FILES = ("metrics.png", "per_perturbation.png", "change_scatter.png", "calibrated.png")
 PER_PERTURBATION_METRICS = ("pearson_delta", "des", "mae")
+# The calibrated plot's y range: 0 to 1 with room around; bars beyond are cut and labelled.
+CALIBRATED_VIEW = (-1.0, 1.5)
 VCC2025_CALIBRATED = (*(calibrated_column(m) for m in VCC_METRICS), CALIBRATED_MEAN)
 N_STRONGEST = 4
 DPI = 110
@@ -136,10 +138,16 @@ def plot_calibrated(summary: pd.DataFrame, path: Path) -> None:
         sds = np.nan_to_num([by_key["sd"].get((c, model), np.nan) for c in columns])
         x = np.arange(len(columns)) + (k - (len(models) - 1) / 2) * width
         ax.bar(x, means, width, yerr=sds, capsize=2, label=model)  # NaN: no bar
+        for xi, value in zip(x, means, strict=True):
+            if not CALIBRATED_VIEW[0] <= value <= CALIBRATED_VIEW[1]:  # cut bar: its value
+                edge = float(np.clip(value, *CALIBRATED_VIEW))
+                va = "bottom" if value < 0 else "top"
+                ax.text(xi, edge, f"{value:.2f}", rotation=90, ha="center", va=va, fontsize=7)
     ax.axhline(0, color="k", lw=1)
     ax.axhline(1, color="tab:green", lw=1, ls="--")
     ax.text(len(columns) - 0.5, 0, " baseline", va="bottom", ha="right", fontsize=8)
     ax.text(len(columns) - 0.5, 1, " ceiling", va="bottom", ha="right", fontsize=8)
+    ax.set_ylim(*CALIBRATED_VIEW)
     ax.set_xticks(range(len(columns)), labels)
     ax.set_ylabel("calibrated score (u − b)/(r − b)")
     ax.set_title("VCC 2025: 0 = baseline, 1 = a repeat of the experiment (mean over seeds)")
