@@ -245,7 +245,7 @@ def summarize(
     if vcc2026 is not None:
         from scgpt_vcc.evaluate.vcc2026 import vcc2026_markdown
 
-        markdown += "\n".join(vcc2026_markdown(vcc2026)) + "\n"
+        markdown += "\n" + "\n".join(vcc2026_markdown(vcc2026)) + "\n"
     write_text_atomic(out_md, markdown)
     if plots_dir is not None:
         from scgpt_vcc.evaluate.plots import write_plots
