@@ -3,15 +3,12 @@ cells sampled so that their depth-normalised pseudobulk is the prediction."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
 
-from scgpt_vcc.data.de import compute_de
-from scgpt_vcc.data.pairing import write_pairing
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import CsrRowReader, read_uns
 from scgpt_vcc.predict.counts import (
@@ -22,19 +19,14 @@ from scgpt_vcc.predict.counts import (
     write_counts,
 )
 from scgpt_vcc.predict.run import PredictSettings, predict_heldout, write_real
+from tests.predict_support import heldout_split
 
 
 @pytest.fixture(scope="module")
 def predictions(converted_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("counts")
-    processed = out / "processed.h5ad"
-    compute_de(converted_path, processed, out / "stats.npz", chunk_size=500)
-    write_pairing(processed, out / "pairing.npz", 1)
-    conditions = sorted(set(ad.read_h5ad(processed, backed="r").obs["condition"].astype(str)))
-    perts = [c for c in conditions if c != "ctrl"]
-    with (out / "split.pkl").open("wb") as fh:
-        pickle.dump({"train": [*perts[3:], "ctrl"], "val": [], "test": perts[:3]}, fh)
-    args = (processed, out / "split.pkl", out / "pairing.npz")
+    split = heldout_split(converted_path, out)
+    args = (split["data"], split["split"], split["pairing"])
     settings = PredictSettings(seed=1)
     write_real(*args, out / "real.h5ad", settings)
     predict_heldout("train_mean", *args, out / "train_mean.h5ad", settings)

@@ -13,7 +13,6 @@ import scipy.sparse as sp
 import torch
 from cell_eval._baseline import _build_pert_baseline
 
-from scgpt_vcc.data.de import compute_de
 from scgpt_vcc.data.pairing import read_pairing, write_pairing
 from scgpt_vcc.model import load_pretrained, save_checkpoint, write_random_checkpoint
 from scgpt_vcc.model.checkpoint import read_args, read_vocab
@@ -34,6 +33,7 @@ from scgpt_vcc.predict.run import (
     write_real,
 )
 from scgpt_vcc.predict.scgpt import RegressionMoments, gene_chunks, load_predictor
+from tests.predict_support import heldout_split
 
 torch.set_num_threads(1)
 
@@ -108,29 +108,15 @@ def test_gene_chunks_cover_every_gene_once_and_always_hold_the_target() -> None:
 def heldout(converted_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """perturb_processed.h5ad, pairing, a custom split with 3 test conditions, two models."""
     out = tmp_path_factory.mktemp("heldout")
-    processed = out / "processed.h5ad"
-    compute_de(converted_path, processed, out / "stats.npz", chunk_size=500)
-    write_pairing(processed, out / "pairing.npz", 1)
-    conditions = sorted(set(ad.read_h5ad(processed, backed="r").obs["condition"].astype(str)))
-    perts = [c for c in conditions if c != "ctrl"]
-    with (out / "split.pkl").open("wb") as fh:
-        pickle.dump({"train": [*perts[3:], "ctrl"], "val": [], "test": perts[:3]}, fh)
-    genes = list(ExpressionData(processed).genes)
+    split = heldout_split(converted_path, out)
+    genes = list(ExpressionData(split["data"]).genes)
     write_random_checkpoint(
         out / "pretrained", genes, vocab_fraction=0.9, embsize=16, nlayers=1, nheads=2, d_hid=16
     )
     model = load_pretrained(out / "pretrained")
     vocab = read_vocab(out / "pretrained" / "vocab.json")
     save_checkpoint(model, out / "finetuned", vocab, read_args(out / "pretrained" / "args.json"))
-    return {
-        "data": processed,
-        "pairing": out / "pairing.npz",
-        "split": out / "split.pkl",
-        "pretrained": out / "pretrained",
-        "finetuned": out / "finetuned",
-        "test": perts[:3],
-        "out": out,
-    }
+    return {**split, "pretrained": out / "pretrained", "finetuned": out / "finetuned", "out": out}
 
 
 def test_scgpt_covers_all_genes_with_control_fallback_outside_vocab(heldout: dict) -> None:
