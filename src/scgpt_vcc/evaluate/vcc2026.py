@@ -85,10 +85,11 @@ def _cell_eval2(*argv: str, checks: Path) -> None:
 
 
 def _refusal(command: str, path: Path, reason: str) -> InputError:
-    if "degenerate" in reason:  # b = r: too few held-out perturbations or DE genes
+    if "degenerate" in reason:  # b = r, or no value: too few perturbations or DE genes
         fix = (
-            "hold out more perturbations (cell-eval2 cannot calibrate a metric whose baseline "
-            "equals the replicate) or set evaluate.profiles: [vcc2025]"
+            "hold out more perturbations with more cells (cell-eval2 cannot calibrate a metric "
+            "that has no value or whose baseline equals the replicate) or set "
+            "evaluate.profiles: [vcc2025]"
         )
     else:
         fix = "give raw integer counts with the real file's genes and labels (scgpt-vcc counts)"
