@@ -72,7 +72,7 @@ rule vcc2026_reference:
         "../envs/scgpt-vcc.yaml"
     threads: EVAL_CFG["threads"]
     resources:
-        mem_mb=EVAL_CFG["mem_mb"],
+        mem_mb=EVAL_CFG["vcc2026_mem_mb"],
     params:
         options=vcc2026_options(),
     shell:
@@ -98,7 +98,7 @@ rule evaluate_vcc2026:
         "../envs/scgpt-vcc.yaml"
     threads: EVAL_CFG["threads"]
     resources:
-        mem_mb=EVAL_CFG["mem_mb"],
+        mem_mb=EVAL_CFG["vcc2026_mem_mb"],
     params:
         options=vcc2026_options(),
         outdir=lambda w, output: Path(output.metrics).parent,
