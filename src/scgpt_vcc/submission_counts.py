@@ -25,6 +25,7 @@ import anndata as ad
 import numpy as np
 
 from scgpt_vcc.errors import InputError
+from scgpt_vcc.evaluate.run import EvalSettings
 from scgpt_vcc.evaluate.score import SUBMISSION_UNS
 from scgpt_vcc.io import read_uns, write_json_atomic
 from scgpt_vcc.predict.counts import MAX_CELL_TOTAL, CountSettings, write_counts
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 COUNTS_FILE = "prediction_counts.h5ad"
 COUNTS_SUMMARY_FILE = "submission_counts.json"
-PERTURBATION_COLUMN = "target_gene"
+PERTURBATION_COLUMN = EvalSettings.perturbation_column
 
 
 def check_counts_submission(

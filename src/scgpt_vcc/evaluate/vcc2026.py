@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 
 from scgpt_vcc.errors import InputError
+from scgpt_vcc.evaluate.run import EvalSettings
 from scgpt_vcc.io import atomic_path, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,8 @@ DEFAULT_CONTEXT = "cell_type"
 
 @dataclass(frozen=True)
 class Vcc2026Settings:
-    control_label: str = "non-targeting"
-    perturbation_column: str = "target_gene"
+    control_label: str = EvalSettings.control_label
+    perturbation_column: str = EvalSettings.perturbation_column
     threads: int = 2
 
 
