@@ -43,6 +43,8 @@ def test_gears_annotations(raw: ad.AnnData, converted: ad.AnnData) -> None:
     )
     assert list(obs["condition"]) == list(expected)
     assert set(obs["cell_type"]) == {"K562"}
+    assert converted.uns["scgpt_vcc"]["cell_type"] == "K562"
+    assert converted.uns["scgpt_vcc"]["context_column"] is None
     for kept in ("target_gene", "guide_id", "batch"):
         assert list(obs[kept]) == list(raw.obs[kept])
     assert list(converted.var["gene_name"]) == list(raw.var_names)

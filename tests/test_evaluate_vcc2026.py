@@ -124,3 +124,46 @@ def test_too_few_perturbations_to_calibrate_say_so(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="degenerate.*hold out more perturbations"):
         build_reference(real, tmp_path / "reference")
     assert not (tmp_path / "reference").exists()
+
+
+def _two_contexts(path: Path, first: Path, second: Path) -> Path:
+    """``first``'s cells as context K562 and ``second``'s as RPE1, in one file."""
+    parts = [ad.read_h5ad(p) for p in (first, second)]
+    for part, context in zip(parts, ("K562", "RPE1"), strict=True):
+        part.obs["cell_type"] = context
+        part.obs_names = [f"{context}-{name}" for name in part.obs_names]
+    ad.concat(parts).write_h5ad(path)
+    return path
+
+
+def test_each_context_is_scored_on_its_own_and_averaged(scored: dict, tmp_path: Path) -> None:
+    """K562 holds the cells scored above; RPE1 an experiment with other effects. Each
+    context scores as its cells alone do, and the file's score is the mean of the two."""
+    out, rng = scored["out"], np.random.default_rng(9)
+    base = rng.gamma(0.6, 2.0, N_GENES) + 0.05
+    effects = {}
+    for p in range(N_PERTS):
+        effect = np.ones(N_GENES)
+        effect[rng.choice(N_GENES, 40, replace=False)] = rng.choice([0.25, 4.0], 40)
+        effect[p] = 0.1
+        effects[f"G{p}"] = effect
+    rpe1_real = _counts(tmp_path / "rpe1_real.h5ad", 11, effects, base)
+    rpe1_replicate = _counts(tmp_path / "rpe1_replicate.h5ad", 12, effects, base)
+    real = _two_contexts(tmp_path / "real.h5ad", scored["real"], rpe1_real)
+    replicate = _two_contexts(tmp_path / "replicate.h5ad", out / "replicate.h5ad", rpe1_replicate)
+    build_reference(real, tmp_path / "reference")
+    assert sorted(p.name for p in (tmp_path / "reference").iterdir()) == ["K562", "RPE1"]
+    result = score_vcc2026(replicate, real, tmp_path / "reference", tmp_path / "eval", "rep")
+    alone = score_vcc2026(
+        rpe1_replicate, rpe1_real, tmp_path / "reference" / "RPE1", tmp_path / "alone", "rep"
+    )
+    assert result["contexts"]["K562"] == pytest.approx(scored["replicate"]["score"], rel=1e-9)
+    assert result["contexts"]["RPE1"] == pytest.approx(alone["score"], rel=1e-9)
+    assert result["score"] == pytest.approx(np.mean(list(result["contexts"].values())))
+    for name, member in result["metrics"].items():
+        expected = np.mean([scored["replicate"]["metrics"][name]["score"],
+                            alone["metrics"][name]["score"]])  # fmt: skip
+        assert member["score"] == pytest.approx(expected, rel=1e-9), name
+    table = pd.read_csv(tmp_path / "eval" / "per_perturbation_vcc2026.csv")
+    assert sorted(set(table["cell_type"])) == ["K562", "RPE1"]
+    assert len(table) == 2 * N_PERTS

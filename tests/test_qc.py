@@ -79,6 +79,20 @@ def test_stats_from_an_older_compute_de_are_named(
         qc_report(tmp_path / "old.npz", vocab, min_cells=1)
 
 
+def test_stats_without_contexts_are_one_context(
+    stats_and_vocab: tuple[Path, Path], tmp_path: Path
+) -> None:
+    stats_path, vocab = stats_and_vocab
+    stats = load_stats(stats_path)
+    assert stats["contexts"].tolist() == ["K562", "K562"]
+    del stats["contexts"]
+    np.savez(tmp_path / "old.npz", **stats)
+    report = qc_report(tmp_path / "old.npz", vocab, min_cells=1)
+    assert report == qc_report(stats_path, vocab, min_cells=1)
+    assert list(report["knockdown"]) == ["G1+ctrl"]
+    assert report["cells_per_perturbation"] == {"G1+ctrl": 4}
+
+
 def test_labels_that_are_no_gene_are_named_with_the_fix(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -409,3 +409,28 @@ def _unify_index_dtype(group: h5py.Group) -> None:
         wide[start : start + step] = old[start : start + step]
     del group["indices"]
     group.move("indices_int64", "indices")
+
+
+def _entry_bytes(path: str | Path) -> int:
+    """Bytes of one stored entry of ``X`` (value + column index)."""
+    with open_h5ad(path) as f:
+        return f["X"]["data"].dtype.itemsize + f["X"]["indices"].dtype.itemsize
+
+
+def write_rows(
+    source: str | Path, rows: np.ndarray, obs: pd.DataFrame, output: str | Path, chunk_size: int
+) -> None:
+    """``rows`` of ``source``'s CSR ``X`` in that order, with their ``obs``, as a new h5ad file.
+
+    Read and written in chunks of at most ``chunk_size`` rows and ``CHUNK_BYTES``.
+    """
+    reader = CsrRowReader(source)
+    try:
+        _, var = read_annotations(source)
+        ends = np.cumsum(np.diff(reader.indptr)[rows])
+        max_entries = max(CHUNK_BYTES // _entry_bytes(source), 1)
+        with H5adStreamWriter(output, obs.iloc[rows], pd.DataFrame(index=var.index)) as writer:
+            for start, stop in row_chunk_bounds(ends, chunk_size, max_entries):
+                writer.append(reader.read_csr(rows[start:stop]))
+    finally:
+        reader.close()

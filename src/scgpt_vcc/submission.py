@@ -48,13 +48,13 @@ import pandas as pd
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from scgpt_vcc.data.gears import read_split
+from scgpt_vcc.data.gears import CONTEXT, read_split
 from scgpt_vcc.data.genes import read_gene_list
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.evaluate.score import SUBMISSION_UNS
 from scgpt_vcc.io import write_json_atomic
 from scgpt_vcc.predict.cells import ExpressionData, Group, sample_controls, write_cells
-from scgpt_vcc.predict.population import CellModel
+from scgpt_vcc.predict.population import CellModel, ContextModel
 from scgpt_vcc.predict.run import PredictSettings, build_model, reference_for
 
 log = logging.getLogger(__name__)
@@ -272,8 +272,7 @@ def write_submission_h5ad(
         data,
         controls,
         groups,
-        model,
-        reference_for(data, predict_settings),
+        {None: ContextModel(model, reference_for(data, predict_settings))},
         batch_size=predict_settings.batch_size,
         columns=columns,
         var=pd.DataFrame(index=pd.Index(gene_names)),
@@ -345,6 +344,13 @@ def make_submission(
     check_programs()
     h5ad = outdir / PREDICTION_FILE
     data = ExpressionData(data_path)
+    if data.several_contexts:
+        raise InputError(
+            data_path,
+            f"obs.{CONTEXT}",
+            f"holds {len(data.contexts)} cell contexts; a VCC submission has one",
+            "submit from a dataset of one context (context_column: null)",
+        )
     model = submission_model(data, split_path, settings, predict_settings, model_dir)
     summary = write_submission_h5ad(
         data, model, counts_csv, gene_names_path, h5ad, settings, predict_settings

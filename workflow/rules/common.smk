@@ -89,6 +89,7 @@ def convert_options(**overrides):
     """convert-to-gears options: the dataset's labels and the convert section."""
     return cli_options(
         cell_type=config["cell_type"],
+        context_column=config["context_column"],
         control_label=config["control_label"],
         perturbation_column=config["perturbation_column"],
         **{**config["convert"], **overrides},
@@ -175,6 +176,8 @@ def go_inputs():
 
 # The submission's models train on every training perturbation (the original setup).
 SUBMISSION_SPLIT = "all_train"
+# A VCC submission holds one cell context: a dataset of several makes none.
+MAKES_SUBMISSION = not config["context_column"]
 SUBMISSION_SEED = config["seeds"][0]
 
 
@@ -368,7 +371,7 @@ def finetune_outputs():
     trained = [
         trained_dir(m, seed) for seed in config["seeds"] for m in scgpt_model_types()
     ]
-    if is_scgpt(SUBMIT_CFG["model"]):
+    if MAKES_SUBMISSION and is_scgpt(SUBMIT_CFG["model"]):
         trained.append(submission_model_dir(SUBMIT_CFG["model"]))
     return [f"{folder}/{name}" for folder in trained for name in TRAINED_FILES]
 
@@ -458,6 +461,8 @@ def submission_truth_counts():
 
 
 def submission_outputs():
+    if not MAKES_SUBMISSION:
+        return []
     folder = submission_dir(SUBMIT_CFG["model"])
     outputs = [
         f"{folder}/prediction.prep.vcc",

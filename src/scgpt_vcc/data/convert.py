@@ -9,8 +9,10 @@ Mapping:
 * cells without a single count are left out (there is nothing to normalise);
 * each guide's knockdown of its target is measured, and with thresholds set, failed
   knockdowns are left out (:mod:`scgpt_vcc.data.knockdown`); both are recorded in ``uns``;
-* ``obs["cell_type"]`` = a configured constant (GEARS keys are ``{cell_type}_{condition}_{dose}``,
-  so the label may not contain ``_``);
+* ``obs["cell_type"]`` = each cell's context (cell line): the configured constant
+  ``cell_type``, or with ``context_column`` that input column's value, so one dataset may
+  hold several contexts (GEARS keys are ``{cell_type}_{condition}_{dose}``, so a context
+  may not contain ``_``, and every kept cell needs one);
 * ``var.index`` -> ``var["gene_name"]``; all other obs and var columns are kept;
 * ``layers["counts"]`` = the raw counts; ``X`` = log1p(counts / cell total * target_sum),
   where target_sum defaults to the data's median total count, so predictions map back to
@@ -32,7 +34,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from scgpt_vcc.data.gears import CONTROL
+from scgpt_vcc.data.gears import CONTEXT, CONTROL
 from scgpt_vcc.data.knockdown import (
     KnockdownFilter,
     TargetExpression,
@@ -186,6 +188,44 @@ def _check_cell_type(cell_type: str) -> None:
         )
 
 
+def _context_column(obs: pd.DataFrame, context_column: str, path: str | Path) -> pd.Series:
+    if context_column not in obs:
+        raise InputError(
+            path,
+            f"obs[{context_column!r}]",
+            f"no such column (columns: {list(obs.columns)})",
+            "set context_column in the config to the column naming each cell's context "
+            "(cell line), or to null for one context",
+        )
+    return obs[context_column]
+
+
+def cell_contexts(
+    obs: pd.DataFrame, context_column: str, path: str | Path = "<input>"
+) -> pd.Categorical:
+    """Each cell's context, ``obs[context_column]`` as strings; checked like a GEARS key."""
+    values = _context_column(obs, context_column, path)
+    field = f"obs[{context_column!r}]"
+    missing = (values.isna() | values.astype(str).str.strip().eq("")).to_numpy()
+    if missing.any():
+        raise InputError(
+            path,
+            field,
+            f"{int(missing.sum())} cells have no context (NaN, None, empty or blank)",
+            "give every cell its context (cell line), or leave those cells out of the input",
+        )
+    values = values.astype(str)
+    underscored = sorted(set(values[values.str.contains("_", regex=False)]))
+    if underscored:
+        raise InputError(
+            path,
+            field,
+            f"contexts {underscored[:5]} contain '_'",
+            "rename them without underscores; GEARS splits its keys on '_'",
+        )
+    return pd.Categorical(values.to_numpy())
+
+
 def gears_annotations(
     obs: pd.DataFrame,
     var: pd.DataFrame,
@@ -194,12 +234,18 @@ def gears_annotations(
     control_label: str,
     perturbation_column: str,
     path: str | Path = "<input>",
+    context_column: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Return GEARS-style copies of ``obs`` and ``var`` (checked, nothing else changed).
 
     Every cell must have a perturbation label: drop the others first (:func:`labelled_cells`).
+    The context is ``cell_type`` for every cell, or with ``context_column`` that column's.
     """
-    _check_cell_type(cell_type)
+    if context_column is None:
+        _check_cell_type(cell_type)
+        contexts = pd.Categorical([cell_type] * len(obs))
+    else:
+        contexts = cell_contexts(obs, context_column, path)
     targets = _perturbation_targets(obs, perturbation_column, control_label, path)
     symbols = gene_symbols(var, path)
     _check_unique(symbols, "var.index", "gene names", path)
@@ -215,7 +261,7 @@ def gears_annotations(
 
     obs = obs.copy()
     obs["condition"] = gears_conditions(targets, control_label)
-    obs["cell_type"] = pd.Categorical([cell_type] * len(obs))
+    obs[CONTEXT] = contexts
     var = var.copy()
     if not symbols.equals(var.index.astype(str)) and "gene_id" not in var:
         var["gene_id"] = var.index.astype(str)
@@ -285,16 +331,21 @@ def convert_to_gears(
     max_perturbation_residual: float | None = None,
     max_cell_residual: float | None = None,
     knockdown_min_cells: int = KnockdownFilter.min_cells,
+    context_column: str | None = None,
 ) -> ConversionSummary:
     """Convert a VCC-format h5ad of raw counts into a GEARS-format h5ad (see module doc).
 
     Cells left out (no label with ``drop_missing_labels``, a label in ``exclude_labels``,
     no counts, a failed knockdown with the ``max_*_residual`` thresholds) are counted in
-    the summary; the rows are selected chunk by chunk.
+    the summary; the rows are selected chunk by chunk. With ``context_column``, each
+    cell's context comes from that obs column instead of the constant ``cell_type``.
     """
     obs, var = read_annotations(input_path)
     input_obs = obs
-    _check_cell_type(cell_type)  # the config first, then the input
+    if context_column is None:
+        _check_cell_type(cell_type)  # the config first, then the input
+    else:
+        _context_column(obs, context_column, input_path)
     labelled = labelled_cells(
         obs, perturbation_column, input_path, drop_missing_labels=drop_missing_labels
     )
@@ -307,6 +358,7 @@ def convert_to_gears(
         control_label=control_label,
         perturbation_column=perturbation_column,
         path=input_path,
+        context_column=context_column,
     )  # the annotations are checked before X is read
     labels = _label_column(input_obs, perturbation_column, input_path).astype(str)
     column = {g: i for i, g in enumerate(var.index)}
@@ -323,7 +375,8 @@ def convert_to_gears(
     rule = KnockdownFilter(max_perturbation_residual, max_cell_residual, knockdown_min_cells)
     keep, knockdown_report = filter_knockdown(labels, residual, kept & ~empty, rule)
     obs = obs[keep[kept]].copy()
-    obs["condition"] = obs["condition"].cat.remove_unused_categories()
+    for column in ("condition", CONTEXT):
+        obs[column] = obs[column].cat.remove_unused_categories()
     median_total = float(np.median(totals[keep]))
     if target_sum is None:
         target_sum = median_total
@@ -347,6 +400,7 @@ def convert_to_gears(
             "control_label": control_label,
             "perturbation_column": perturbation_column,
             "cell_type": cell_type,
+            "context_column": context_column,
             "knockdown_filter": report_json(knockdown_report),
         },
         "scgpt_vcc_guides": guides,

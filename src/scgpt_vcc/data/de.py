@@ -4,11 +4,16 @@ GEARS (``gears/data_utils.py``: ``get_DE_genes``, ``get_dropout_non_zero_genes``
 every gene of each condition against control with scanpy's ``rank_genes_groups``
 (Welch t-test, all genes, ranked by absolute score) and derives the top-20 non-zero and
 non-dropout gene sets; on the way it densifies X. A Welch t-test needs only the number
-of cells, the mean and the variance per group, so here those come from per-condition
+of cells, the mean and the variance per group, so here those come from per-group
 sums, sums of squares and non-zero counts accumulated over CSR row chunks: memory is
-one chunk plus five ``conditions x genes`` tables, whatever the number of cells. The
+one chunk plus five ``groups x genes`` tables, whatever the number of cells. The
 fifth, sums of ``expm1(X)`` (the normalised counts), is not used by the t-test: it gives
 the data QC the mean expression on the count scale (knockdown).
+
+A group is a ``condition_name`` (context + condition): with several contexts
+(``obs.cell_type``), each group is ranked against the control group of its own context,
+as GEARS's ``rank_genes_groups_by_cov`` does per covariate, and its non-zero and
+non-dropout sets use that control too (GEARS would use the control of all contexts).
 
 The arithmetic follows scanpy's (``_get_mean_var``): float32 values, squares taken in
 float32, sums in float64, ``var = E[x^2] - E[x]^2`` scaled by ``n / (n - 1)``, NaN
@@ -27,7 +32,7 @@ import numpy as np
 import pandas as pd
 from anndata.io import read_elem, write_elem
 
-from scgpt_vcc.data.gears import CONTROL
+from scgpt_vcc.data.gears import CONTEXT, CONTROL
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import atomic_path, iter_row_chunks, open_h5ad, read_annotations
 
@@ -38,9 +43,9 @@ N_TOP_DE = 20
 
 @dataclass
 class ConditionStats:
-    """Sufficient statistics of X per condition (rows follow ``conditions``)."""
+    """Sufficient statistics of X per group (rows follow ``groups``, condition names)."""
 
-    conditions: list[str]
+    groups: list[str]
     n_cells: np.ndarray  # int64 [C]
     sums: np.ndarray  # float64 [C, G]
     sq_sums: np.ndarray  # float64 [C, G]
@@ -59,12 +64,17 @@ class ConditionStats:
         var = self.sq_sums / n - (self.sums / n) ** 2
         return np.where(n != 1, var * n / np.maximum(n - 1, 1), var)
 
-    def row(self, condition: str) -> int:
-        return self.conditions.index(condition)
+    def row(self, group: str) -> int:
+        return self.groups.index(group)
 
 
 def dose_value(condition: str) -> str:
     return "1+1" if len(condition.split("+")) == 2 else "1"
+
+
+def condition_name(context: str, condition: str) -> str:
+    """GEARS's group key ``{cell_type}_{condition}_{dose}`` (as :func:`gears_obs` builds it)."""
+    return f"{context}_{condition}_{dose_value(condition)}"
 
 
 def gears_obs(obs: pd.DataFrame) -> pd.DataFrame:
@@ -79,20 +89,51 @@ def gears_obs(obs: pd.DataFrame) -> pd.DataFrame:
     condition = out["condition"].astype(str)
     out["dose_val"] = condition.map(dose_value)
     out["control"] = condition.map(lambda c: 0 if len(c.split("+")) == 2 else 1)
-    out["condition_name"] = out["cell_type"].astype(str) + "_" + condition + "_" + out["dose_val"]
+    out["condition_name"] = out[CONTEXT].astype(str) + "_" + condition + "_" + out["dose_val"]
     return out.astype("category")
 
 
+def stat_groups(obs: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame]:
+    """Each cell's stats row, and the rows: one per (context, condition) present.
+
+    The rows (columns ``cell_type``, ``condition``, ``condition_name``) are sorted by
+    context, then condition, so with one context they are the sorted conditions.
+    """
+    context = pd.Categorical(obs[CONTEXT].astype(str))
+    condition = pd.Categorical(obs["condition"].astype(str))
+    n_conditions = max(len(condition.categories), 1)
+    pairs, codes = np.unique(
+        context.codes.astype(np.int64) * n_conditions + condition.codes, return_inverse=True
+    )
+    rows = pd.DataFrame(
+        {
+            CONTEXT: np.asarray(context.categories[pairs // n_conditions], dtype=str),
+            "condition": np.asarray(condition.categories[pairs % n_conditions], dtype=str),
+        }
+    )
+    rows["condition_name"] = [
+        condition_name(c, k) for c, k in zip(rows[CONTEXT], rows["condition"], strict=True)
+    ]
+    return codes.astype(np.int64).ravel(), rows
+
+
+def control_rows(rows: pd.DataFrame) -> np.ndarray:
+    """For each stats row, the row of its own context's control group."""
+    controls = rows.index[rows["condition"] == CONTROL]
+    by_context = dict(zip(rows.loc[controls, CONTEXT], controls, strict=True))
+    return np.array([by_context[c] for c in rows[CONTEXT]], dtype=np.int64)
+
+
 def accumulate_condition_stats(
-    path: str | Path, codes: np.ndarray, conditions: list[str], chunk_size: int
+    path: str | Path, codes: np.ndarray, groups: list[str], chunk_size: int
 ) -> ConditionStats:
-    """One pass over X: per-condition n, sum, sum of squares, non-zero counts and sum
+    """One pass over X: per-group n, sum, sum of squares, non-zero counts and sum
     of ``expm1(X)``.
 
-    ``codes[i]`` is the row of ``conditions`` that cell ``i`` belongs to. Each chunk's
-    non-zeros are binned by ``condition * n_genes + gene`` with ``np.bincount``.
+    ``codes[i]`` is the row of ``groups`` that cell ``i`` belongs to. Each chunk's
+    non-zeros are binned by ``group * n_genes + gene`` with ``np.bincount``.
     """
-    n_cond = len(conditions)
+    n_cond = len(groups)
     n_cells = np.bincount(codes, minlength=n_cond).astype(np.int64)
     sums = sq_sums = nonzero = count_sums = None
     for start, chunk in iter_row_chunks(path, chunk_size, desc="DE statistics"):
@@ -117,7 +158,7 @@ def accumulate_condition_stats(
         raise InputError(path, "X", "has no cells", "re-run convert-to-gears on a non-empty input")
     shape = (n_cond, -1)
     return ConditionStats(
-        conditions,
+        groups,
         n_cells,
         sums.reshape(shape),
         sq_sums.reshape(shape),
@@ -151,34 +192,36 @@ def welch_scores(
     return scores
 
 
-def rank_genes_vs_control(
-    st: ConditionStats, names: list[str], control_name: str
-) -> dict[str, np.ndarray]:
-    """Gene positions by decreasing |t| for each ``condition_name``, control left out.
+def rank_genes_vs_control(st: ConditionStats, reference: np.ndarray) -> dict[str, np.ndarray]:
+    """Gene positions by decreasing |t| for each group against ``reference[group]``, the
+    control group of its context; controls left out.
 
-    ``names[i]`` is the ``condition_name`` of stats row ``i``; keys come in scanpy's
-    group order (sorted categories).
+    Keys come in scanpy's group order (sorted categories), which is also the order an
+    h5ad gives them back in.
     """
-    reference = names.index(control_name)
     mean, var = st.mean(), st.variance()
     ranked = {}
-    for group in np.argsort(names, kind="stable"):
-        if group == reference:
+    for group in np.argsort(st.groups, kind="stable"):
+        if group == reference[group]:
             continue
-        scores = welch_scores(mean, var, st.n_cells, group, reference)
-        ranked[names[group]] = rank_by_abs_score(scores)
+        scores = welch_scores(mean, var, st.n_cells, group, reference[group])
+        ranked[st.groups[group]] = rank_by_abs_score(scores)
     return ranked
 
 
 def dropout_non_zero_genes(
-    st: ConditionStats, names: list[str], ranked: dict[str, np.ndarray], gene_names: np.ndarray
+    st: ConditionStats,
+    reference: np.ndarray,
+    ranked: dict[str, np.ndarray],
+    gene_names: np.ndarray,
 ) -> dict[str, dict[str, np.ndarray]]:
     """The four uns dicts of ``get_dropout_non_zero_genes``, with GEARS's types.
 
-    A gene is non-zero for a condition when its mean there is not 0; non-dropout when
-    it is non-zero or zero in control as well (a "true zero").
+    A gene is non-zero for a group when its mean there is not 0; non-dropout when it
+    is non-zero or zero in its context's control as well (a "true zero");
+    ``reference[i]`` is the control row of stats row ``i``'s context.
     """
-    ctrl_zero = st.sums[st.row(CONTROL)] == 0
+    row = {name: i for i, name in enumerate(st.groups)}
     out: dict[str, dict[str, np.ndarray]] = {
         key: {}
         for key in (
@@ -189,9 +232,8 @@ def dropout_non_zero_genes(
         )
     }
     for name, top in ranked.items():
-        sums = st.sums[names.index(name)]
-        non_zero = sums != 0
-        non_dropout = non_zero | ctrl_zero
+        non_zero = st.sums[row[name]] != 0
+        non_dropout = non_zero | (st.sums[reference[row[name]]] == 0)
         out["non_zeros_gene_idx"][name] = np.flatnonzero(non_zero).astype(np.int64)
         out["non_dropout_gene_idx"][name] = np.flatnonzero(non_dropout).astype(np.int64)
         out["top_non_dropout_de_20"][name] = np.array(
@@ -203,25 +245,25 @@ def dropout_non_zero_genes(
     return out
 
 
-def _check_groups(path: Path, obs: pd.DataFrame, st: ConditionStats) -> None:
-    cell_types = obs["cell_type"].astype(str).unique()
-    if len(cell_types) != 1:
+def _check_groups(path: Path, rows: pd.DataFrame, st: ConditionStats) -> None:
+    """Every context needs control cells (its reference) and every group two cells."""
+    with_control = set(rows.loc[rows["condition"] == CONTROL, CONTEXT])
+    no_control = [c for c in pd.unique(rows[CONTEXT]) if c not in with_control]
+    if no_control:
         raise InputError(
             path,
-            "obs.cell_type",
-            f"has {len(cell_types)} values {list(cell_types)[:5]}",
-            "process one cell type per dataset",
+            "obs.condition",
+            f"has no 'ctrl' cells in the contexts (obs.{CONTEXT}) {no_control[:10]}",
+            "check control_label in the config; each context's perturbations are ranked "
+            "against its own control cells, so give every context some or leave it out",
         )
-    if CONTROL not in st.conditions:
-        raise InputError(
-            path, "obs.condition", "has no 'ctrl' cells", "check control_label in the config"
-        )
-    single = [c for c, n in zip(st.conditions, st.n_cells, strict=True) if n < 2]
+    single = [c for c, n in zip(st.groups, st.n_cells, strict=True) if n < 2]
     if single:
         raise InputError(
             path,
             "obs.condition",
-            f"conditions with a single cell {single[:10]} (a t-test needs two)",
+            f"groups (context_condition_dose) with a single cell {single[:10]} "
+            "(a t-test needs two)",
             "drop those cells before conversion",
         )
 
@@ -233,36 +275,38 @@ def compute_de(
 
     X is copied chunk by chunk at the HDF5 level (no decompression); ``layers`` are not
     copied: GEARS reads only X, and the counts stay in ``converted.h5ad``.
-    ``stats_path`` (.npz) keeps per condition: cell counts (``n_cells``), means of X on
-    the log1p scale (``mean``), means of ``expm1(X)``, the normalised counts
+    ``stats_path`` (.npz) keeps per group (context + condition; rows named by
+    ``conditions``, ``contexts`` and ``condition_names``): cell counts (``n_cells``),
+    means of X on the log1p scale (``mean``), means of ``expm1(X)``, the normalised counts
     (``mean_normalized_counts``), and non-zero fractions (``frac_nonzero``), for QC and
-    baselines.
+    baselines. With one context the rows are the sorted conditions.
     """
     converted = Path(converted)
     obs, var = read_annotations(converted)
-    for column in ("condition", "cell_type"):
+    for column in ("condition", CONTEXT):
         if column not in obs:
             raise InputError(converted, f"obs.{column}", "is missing", "run convert-to-gears")
     new_obs = gears_obs(obs)
-    condition = pd.Categorical(obs["condition"].astype(str))
-    conditions = list(condition.categories)
-    st = accumulate_condition_stats(
-        converted, condition.codes.astype(np.int64), conditions, chunk_size
-    )
-    _check_groups(converted, obs, st)
-    first_name = new_obs.groupby("condition", observed=True)["condition_name"].first()
-    names = [str(first_name[c]) for c in conditions]
+    codes, rows = stat_groups(obs)
+    st = accumulate_condition_stats(converted, codes, rows["condition_name"].tolist(), chunk_size)
+    _check_groups(converted, rows, st)
+    reference = control_rows(rows)
     gene_names = np.asarray(var.index.astype(str), dtype=object)
-    ranked = rank_genes_vs_control(st, names, names[st.row(CONTROL)])
+    ranked = rank_genes_vs_control(st, reference)
     uns = {
         **_read_uns(converted),
         # object arrays of str: stored exactly like GEARS's lists (anndata string arrays)
         "rank_genes_groups_cov_all": {k: gene_names[v] for k, v in ranked.items()},
-        **dropout_non_zero_genes(st, names, ranked, gene_names),
+        **dropout_non_zero_genes(st, reference, ranked, gene_names),
     }
     _write_processed(converted, output, new_obs, var, uns)
-    _write_stats(stats_path, st, names, gene_names)
-    log.info("ranked %d genes for %d conditions against control", len(gene_names), len(ranked))
+    _write_stats(stats_path, st, rows, gene_names)
+    log.info(
+        "ranked %d genes for %d groups in %d contexts against their context's control",
+        len(gene_names),
+        len(ranked),
+        rows[CONTEXT].nunique(),
+    )
 
 
 def _read_uns(path: Path) -> dict:
@@ -284,12 +328,15 @@ def _write_processed(
             write_elem(dst, group, {})
 
 
-def _write_stats(path: str | Path, st: ConditionStats, names: list[str], genes: np.ndarray) -> None:
+def _write_stats(
+    path: str | Path, st: ConditionStats, rows: pd.DataFrame, genes: np.ndarray
+) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(
             fh,
-            conditions=np.array(st.conditions),
-            condition_names=np.array(names),
+            conditions=rows["condition"].to_numpy(dtype=str),
+            contexts=rows[CONTEXT].to_numpy(dtype=str),
+            condition_names=rows["condition_name"].to_numpy(dtype=str),
             genes=genes.astype(str),
             n_cells=st.n_cells,
             mean=st.mean(),

@@ -4,6 +4,8 @@
   perturbation (``A+B`` for a combination).
 * A split is a pickle of ``{'train': [...], 'val': [...], 'test': [...]}`` condition lists.
 * Gene symbols are ``var.gene_name`` where present, else the var index.
+* ``obs.cell_type`` is each cell's context (cell line): the config's constant ``cell_type``,
+  or with ``context_column`` the value of that input column, so one dataset may hold several.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import pandas as pd
 from scgpt_vcc.errors import InputError
 
 CONTROL = "ctrl"
+# obs column of each cell's context; GEARS keys its DE genes by ``{cell_type}_{condition}_{dose}``.
+CONTEXT = "cell_type"
 SPLIT_KEYS = ("train", "val", "test")
 
 

@@ -2,13 +2,14 @@
 
 A GEARS cell graph (``PertData.create_cell_graph``) is a PyG ``Data`` with
 ``x`` = the paired control cell's expression [G, 1], ``y`` = the cell's expression
-[1, G], ``de_idx`` = positions of the condition's top-20 DE genes (in gene order;
-``[-1] * 20`` for control), ``pert_idx`` = positions of the perturbed genes in GEARS's
-perturbation-gene list (``[-1]`` for control or a gene outside the list) and ``pert``
-= the condition. :class:`CellGraphBuilder` makes any cell's graph from the h5ad and
-the pairing file, reading two rows; :func:`write_cell_graphs` writes GEARS's pickle
-(condition -> list of Data, conditions in order of first appearance) one batch at a
-time, so memory stays at one batch however large the file gets.
+[1, G], ``de_idx`` = positions of the top-20 DE genes of the cell's ``condition_name``
+(its condition in its context, in gene order; ``[-1] * 20`` for control),
+``pert_idx`` = positions of the perturbed genes in GEARS's perturbation-gene list
+(``[-1]`` for control or a gene outside the list) and ``pert`` = the condition.
+:class:`CellGraphBuilder` makes any cell's graph from the h5ad and the pairing file,
+reading two rows; :func:`write_cell_graphs` writes GEARS's pickle (condition -> list
+of Data, conditions in order of first appearance) one batch at a time, so memory stays
+at one batch however large the file gets.
 """
 
 from __future__ import annotations
@@ -55,22 +56,23 @@ class CellGraphBuilder:
     ) -> None:
         obs, var = read_annotations(processed)
         self.condition = np.asarray(obs["condition"].astype(str))
+        # the DE genes are those of the cell's condition in its own context
+        self.condition_name = np.asarray(obs["condition_name"].astype(str))
         self.control_row = read_pairing(pairing, len(obs))
-        pert_pos = {g: i for i, g in enumerate(pert_names)}
         top = _top_de_genes(processed)
-        names = obs.groupby("condition", observed=True)["condition_name"].first()
         self._de_idx: dict[str, np.ndarray | list[int]] = {}
+        groups = pd.DataFrame({"name": self.condition_name, "cond": self.condition})
+        for name, cond in groups.drop_duplicates("name").itertuples(index=False):
+            if cond == CONTROL:
+                self._de_idx[name] = [-1] * (N_DE if top else 1)
+            else:
+                self._de_idx[name] = np.where(var.index.isin(top[name]))[0] if top else [-1]
+        pert_pos = {g: i for i, g in enumerate(pert_names)}
         self._pert_idx: dict[str, list] = {}
         for cond in pd.unique(self.condition):
-            if cond == CONTROL:
-                self._de_idx[cond] = [-1] * (N_DE if top else 1)
-                self._pert_idx[cond] = [-1]
-                continue
-            name = str(names[cond])
-            self._de_idx[cond] = np.where(var.index.isin(top[name]))[0] if top else [-1]
             genes = perturbed_genes(cond)
             idx = [np.int64(pert_pos[g]) for g in genes if g in pert_pos]
-            self._pert_idx[cond] = idx if len(idx) == len(genes) else [-1]
+            self._pert_idx[cond] = idx if cond != CONTROL and len(idx) == len(genes) else [-1]
         self._reader = CsrRowReader(processed)
 
     def graph(self, row: int) -> Data:
@@ -88,7 +90,7 @@ class CellGraphBuilder:
                     x=torch.tensor(x[i : i + 1]).T,
                     pert_idx=self._pert_idx[cond],
                     y=torch.tensor(y[i : i + 1]),
-                    de_idx=self._de_idx[cond],
+                    de_idx=self._de_idx[self.condition_name[r]],
                     pert=cond,
                 )
             )

@@ -11,6 +11,10 @@ so 0.8 = 80% fewer transcripts. The ratio of log1p means understates it, log1p b
 compressive: 10 normalised counts in control and 0.8 in the perturbed cells are 92% fewer,
 while their log1p means differ by only ~75%. The log1p means are reported too, under
 keys that name their scale.
+
+With several contexts (cell lines), each perturbation is compared with the control cells
+of its own context and knockdown entries are keyed by ``condition_name``
+(``{context}_{condition}_{dose}``); cell counts are per perturbation, all contexts summed.
 """
 
 from __future__ import annotations
@@ -40,20 +44,36 @@ def read_vocab(path: str | Path) -> set[str]:
     return set(read_json(path, "check pretrained_dir: it needs the model's vocab.json"))
 
 
+def row_contexts(stats: dict[str, np.ndarray]) -> list[str]:
+    """The context of each stats row; a file without ``contexts`` holds one context."""
+    if "contexts" in stats:
+        return [str(c) for c in stats["contexts"].tolist()]
+    return [""] * len(stats["conditions"])
+
+
+def control_rows(stats: dict[str, np.ndarray]) -> dict[str, int]:
+    """The control row of each context that has one."""
+    rows = zip(row_contexts(stats), stats["conditions"].tolist(), strict=True)
+    return {ctx: i for i, (ctx, cond) in enumerate(rows) if cond == CONTROL}
+
+
 def knockdown_table(stats: dict[str, np.ndarray]) -> dict[str, dict[str, float | None]]:
-    """Per single-gene perturbation: target means in perturbed and control cells."""
+    """Per single-gene perturbation and context: target means in perturbed and control
+    cells of that context; keyed by condition (one context) or ``condition_name``."""
     genes = {g: i for i, g in enumerate(stats["genes"].tolist())}
     conditions = stats["conditions"].tolist()
-    ctrl = conditions.index(CONTROL)
+    contexts = row_contexts(stats)
+    controls = control_rows(stats)
+    keys = conditions if len(set(contexts)) == 1 else stats["condition_names"].tolist()
     counts = stats["mean_normalized_counts"]
     table = {}
-    for row, cond in enumerate(conditions):
+    for row, (cond, ctx, key) in enumerate(zip(conditions, contexts, keys, strict=True)):
         target = cond.split("+")[0]
         if cond == CONTROL or target not in genes:
             continue
-        g = genes[target]
+        g, ctrl = genes[target], controls[ctx]
         pert, base = float(counts[row, g]), float(counts[ctrl, g])
-        table[cond] = {
+        table[key] = {
             "target_mean_normalized_counts_perturbed": pert,
             "target_mean_normalized_counts_control": base,
             "target_mean_log1p_perturbed": float(stats["mean"][row, g]),
@@ -63,17 +83,37 @@ def knockdown_table(stats: dict[str, np.ndarray]) -> dict[str, dict[str, float |
     return table
 
 
-def qc_report(stats_path: str | Path, vocab_path: str | Path, min_cells: int) -> dict[str, Any]:
-    stats = load_stats(stats_path)
+def cells_per_condition(stats: dict[str, np.ndarray]) -> dict[str, int]:
+    """Cells per condition (sorted), all contexts summed: a perturbation is one condition."""
+    n_cells: dict[str, int] = {}
+    for cond, n in zip(stats["conditions"].tolist(), stats["n_cells"].tolist(), strict=True):
+        n_cells[cond] = n_cells.get(cond, 0) + int(n)
+    return dict(sorted(n_cells.items()))
+
+
+def _check_stats(stats: dict[str, np.ndarray], path: str | Path) -> None:
     if "mean_normalized_counts" not in stats:
         raise InputError(
-            stats_path,
+            path,
             "mean_normalized_counts",
             "is missing (the file was written by an older compute-de)",
             "delete it and re-run compute_de",
         )
-    conditions = stats["conditions"].tolist()
-    n_cells = dict(zip(conditions, stats["n_cells"].tolist(), strict=True))
+    missing = sorted(set(row_contexts(stats)) - set(control_rows(stats)))
+    if missing:
+        raise InputError(
+            path,
+            "conditions",
+            f"has no control row for the contexts {missing[:10]}",
+            "delete it and re-run compute_de",
+        )
+
+
+def qc_report(stats_path: str | Path, vocab_path: str | Path, min_cells: int) -> dict[str, Any]:
+    stats = load_stats(stats_path)
+    _check_stats(stats, stats_path)
+    n_cells = cells_per_condition(stats)
+    conditions = list(n_cells)
     genes = stats["genes"].tolist()
     vocab = read_vocab(vocab_path)
     unmatched = [g for g in genes if g not in vocab]

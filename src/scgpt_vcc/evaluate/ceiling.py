@@ -32,18 +32,10 @@ import numpy as np
 import pandas as pd
 
 from scgpt_vcc.errors import InputError
+from scgpt_vcc.evaluate.contexts import context_files, mean_over_contexts, several_contexts
 from scgpt_vcc.evaluate.means import check_log1p, group_means
 from scgpt_vcc.evaluate.vcc import VCC_METRICS, cell_eval_version, vcc_metrics
-from scgpt_vcc.io import (
-    CHUNK_BYTES,
-    CsrRowReader,
-    H5adStreamWriter,
-    open_h5ad,
-    read_annotations,
-    read_json,
-    row_chunk_bounds,
-    write_json_atomic,
-)
+from scgpt_vcc.io import read_annotations, read_json, write_json_atomic, write_rows
 
 if TYPE_CHECKING:
     from scgpt_vcc.evaluate.run import EvalSettings
@@ -99,31 +91,6 @@ def disjoint_halves(obs: pd.DataFrame, column: str, seed: int) -> Halves:
     )
 
 
-def _entry_bytes(path: Path) -> int:
-    """Bytes of one stored entry of ``X`` (value + column index)."""
-    with open_h5ad(path) as f:
-        return f["X"]["data"].dtype.itemsize + f["X"]["indices"].dtype.itemsize
-
-
-def write_rows(
-    source: Path, rows: np.ndarray, obs: pd.DataFrame, output: Path, chunk_size: int
-) -> None:
-    """``rows`` of ``source``'s CSR ``X`` in that order, with their ``obs``, as a new h5ad file.
-
-    Read and written in chunks of at most ``chunk_size`` rows and ``CHUNK_BYTES``.
-    """
-    reader = CsrRowReader(source)
-    try:
-        _, var = read_annotations(source)
-        ends = np.cumsum(np.diff(reader.indptr)[rows])
-        max_entries = max(CHUNK_BYTES // _entry_bytes(source), 1)
-        with H5adStreamWriter(output, obs.iloc[rows], pd.DataFrame(index=var.index)) as writer:
-            for start, stop in row_chunk_bounds(ends, chunk_size, max_entries):
-                writer.append(reader.read_csr(rows[start:stop]))
-    finally:
-        reader.close()
-
-
 def spearman_brown(r: float) -> float:
     """Reliability of a test of twice the length: ``2r/(1+r)``; NaN unless ``r > 0``."""
     return 2 * r / (1 + r) if r > 0 else math.nan
@@ -176,8 +143,35 @@ def half_split_table(real_path: Path, settings: EvalSettings) -> tuple[pd.DataFr
 def vcc_ceiling(
     real_path: str | Path, output: str | Path, settings: EvalSettings
 ) -> dict[str, Any]:
-    """Write the VCC 2025 ceiling of ``real_path`` to ``output`` (``ceiling_vcc2025.json``)."""
-    real_path = Path(real_path)
+    """Write the VCC 2025 ceiling of ``real_path`` to ``output`` (``ceiling_vcc2025.json``).
+
+    With several cell contexts, each context's ceiling is under ``contexts`` and the
+    top-level ``ceiling`` is their mean (:mod:`.contexts`).
+    """
+    contexts = several_contexts(real_path)
+    if not contexts:
+        result = ceiling_of(Path(real_path), settings)
+    else:
+        with context_files({"real": real_path}, contexts, settings.chunk_size) as files:
+            parts = {c: ceiling_of(files[c]["real"], settings) for c in contexts}
+        for context, part in parts.items():
+            part["real"] = f"{real_path}, context {context}"
+        result = {
+            "ceiling": mean_over_contexts([part["ceiling"] for part in parts.values()]),
+            "control_label": settings.control_label,
+            "seed": settings.ceiling_seed,
+            "real": str(real_path),
+            "contexts": parts,
+        }
+    write_json_atomic(output, result)
+    ceiling = {k: math.nan if v is None else v for k, v in result["ceiling"].items()}
+    rounded = {k: round(v, 4) for k, v in ceiling.items()}
+    log.info("VCC 2025 ceiling (seed %d): %s", settings.ceiling_seed, rounded)
+    return result
+
+
+def ceiling_of(real_path: Path, settings: EvalSettings) -> dict[str, Any]:
+    """The VCC 2025 ceiling of the real cells in ``real_path`` (one context)."""
     seed = settings.ceiling_seed
     table, halves = half_split_table(real_path, settings)
     half_split = {name: float(table[name].mean()) for name in VCC_METRICS}
@@ -204,8 +198,6 @@ def vcc_ceiling(
             for p, row in table[list(VCC_METRICS)].to_dict(orient="index").items()
         },
     }
-    write_json_atomic(output, result)
-    log.info("VCC 2025 ceiling (seed %d): %s", seed, {k: round(v, 4) for k, v in ceiling.items()})
     return result
 
 
@@ -219,10 +211,16 @@ def json_numbers(values: Mapping[str, float]) -> dict[str, float | None]:
 
 
 def read_ceiling(
-    path: str | Path, control_label: str, perturbations: list[str]
+    path: str | Path, control_label: str, perturbations: list[str], context: str | None = None
 ) -> dict[str, float]:
-    """The ceiling ``{des, pds, mae}`` in ``path`` (null -> NaN), checked against the run."""
+    """The ceiling ``{des, pds, mae}`` in ``path`` (null -> NaN; that of ``context`` with
+    several contexts), checked against the run."""
     data = read_json(path, FIX)
+    if context is not None:
+        contexts = data.get("contexts", {}) if isinstance(data, dict) else {}
+        if context not in contexts:
+            raise InputError(path, f"contexts.{context}", "is missing", FIX)
+        data = contexts[context]
     values = data.get("ceiling") if isinstance(data, dict) else None
     if not isinstance(values, dict) or any(name not in values for name in VCC_METRICS):
         raise InputError(path, "ceiling", f"lacks one of {list(VCC_METRICS)}", FIX)

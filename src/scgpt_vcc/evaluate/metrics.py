@@ -57,11 +57,14 @@ def read_de_genes(
     targets: Iterable[str],
     key: str = "rank_genes_groups_cov_all",
     n_top: int = N_TOP_DE,
+    context: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Top ``n_top`` DE gene names per target gene from ``uns[key]`` of perturb_processed.h5ad.
 
-    Keys are ``{cell_type}_{condition}_{dose}``; like scGPT, cell type and dose are taken
-    from the first key (GEARS gives every single perturbation the same dose ``1+1``).
+    Keys are ``{cell_type}_{condition}_{dose}``; like scGPT, the dose is taken from the first
+    key (GEARS gives every single perturbation the same dose ``1+1``), and so is the cell
+    type unless ``context`` names it (a dataset of several contexts ranks each against its
+    own controls).
     """
     with open_h5ad(processed) as f:
         if "uns" not in f or key not in f["uns"]:
@@ -78,7 +81,7 @@ def read_de_genes(
             )
         out = {}
         for target in targets:
-            name = f"{parts[0]}_{condition_of(target)}_{parts[2]}"
+            name = f"{context or parts[0]}_{condition_of(target)}_{parts[2]}"
             if name not in group:
                 raise InputError(
                     processed,

@@ -102,8 +102,10 @@ def plot_change_scatter(eval_dir: Path, seed: int, model_types: Sequence[str], p
         data = loaded[model]
         for col, p in enumerate(strongest):
             ax = axes[row, col]
-            x = data["real"][p] - data["control"]
-            y = data["pred"][p] - data["control"]
+            # One control mean, or one per perturbation (its context's) with several contexts.
+            control = data["control"][p] if data["control"].ndim == 2 else data["control"]
+            x = data["real"][p] - control
+            y = data["pred"][p] - control
             de = data["de_idx"][p][data["de_idx"][p] >= 0]
             ax.scatter(x, y, s=2, color="0.6", rasterized=True)
             ax.scatter(x[de], y[de], s=8, color="tab:red", label="top DE")

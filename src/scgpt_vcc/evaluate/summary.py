@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from scgpt_vcc.data.gears import CONTEXT
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.evaluate.run import ALL_METRICS, BASELINE_MODEL, PROFILES
 from scgpt_vcc.evaluate.vcc import VCC_METRICS
@@ -81,6 +82,8 @@ def collect(
                 }
             )
             table = pd.read_csv(folder / "per_perturbation.csv")
+            if CONTEXT in table:  # several contexts: one row per (context, perturbation)
+                table["perturbation"] = table[CONTEXT] + ":" + table["perturbation"]
             tables.append(table.assign(seed=seed, model_type=model))
     return pd.DataFrame(runs), pd.concat(tables, ignore_index=True)
 
@@ -201,6 +204,40 @@ def calibration_markdown(by_key: pd.DataFrame, models: Sequence[str]) -> list[st
     return lines
 
 
+def collect_contexts(
+    eval_dir: str | Path, seeds: Sequence[int], model_types: Sequence[str]
+) -> pd.DataFrame:
+    """Each run's per-context numbers (several cell contexts; empty otherwise)."""
+    rows = []
+    for seed in seeds:
+        for model in model_types:
+            path = run_dir(Path(eval_dir), seed, model) / "metrics.json"
+            for context, data in json.loads(path.read_text()).get("contexts", {}).items():
+                values = {k: data[k] for k in SUMMARY_METRICS}
+                rows.append({"seed": seed, "model_type": model, CONTEXT: context, **values})
+    return pd.DataFrame(rows)
+
+
+def contexts_markdown(frame: pd.DataFrame) -> list[str]:
+    """The table of every model's numbers in each context (means over seeds)."""
+    if frame.empty:
+        return []
+    means = frame.groupby(["model_type", CONTEXT], sort=False)[list(SUMMARY_METRICS)].mean()
+    lines = [
+        "## Per cell context",
+        "",
+        "Every number above is the mean over the contexts below, each scored on its own "
+        "cells against its own controls (docs/metrics.md). Means over seeds.",
+        "",
+        f"| model_type | {CONTEXT} | " + " | ".join(SUMMARY_METRICS) + " |",
+        "|" + "---|" * (len(SUMMARY_METRICS) + 2),
+    ]
+    for (model, context), row in means.iterrows():
+        cells = " | ".join(f"{row[m]:.4f}" for m in SUMMARY_METRICS)
+        lines.append(f"| {model} | {context} | {cells} |")
+    return lines
+
+
 def _number(value: float) -> str:
     return "n/a" if np.isnan(value) else f"{value:.4f}"
 
@@ -242,6 +279,9 @@ def summarize(
     ]
     write_text_atomic(out_csv, summary.to_csv(index=False))
     markdown = summary_markdown(summary, runs, notes)
+    per_context = contexts_markdown(collect_contexts(eval_dir, seeds, model_types))
+    if per_context:
+        markdown += "\n" + "\n".join(per_context) + "\n"
     if vcc2026 is not None:
         from scgpt_vcc.evaluate.vcc2026 import vcc2026_markdown
 

@@ -15,8 +15,10 @@ its checks and provenance files are the ones the competition uses:
 * :func:`score_vcc2026` (per model type): ``run`` on the model's counts, then ``score``
   against the bundle; writes ``metrics_vcc2026.json`` and ``per_perturbation_vcc2026.csv``.
 
-The data hold one cell context (labelled ``cell_type``); ``contexts`` in the JSON is ready
-for several.
+A dataset of one context is scored as a whole (``contexts`` holds it, labelled
+``cell_type``). With several, each context has its own real bundle (``{reference}/{context}``)
+and is scored on its own cells; the file's score and every metric's u, b, r and s are the
+means over contexts, each context's score is under ``contexts`` (:mod:`.contexts`).
 """
 
 from __future__ import annotations
@@ -34,15 +36,19 @@ from typing import Any
 
 import pandas as pd
 
+from scgpt_vcc.data.gears import CONTEXT
 from scgpt_vcc.errors import InputError
+from scgpt_vcc.evaluate.contexts import context_files, mean_over_contexts, several_contexts
 from scgpt_vcc.evaluate.run import EvalSettings
 from scgpt_vcc.io import atomic_path, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 PRESET = "vcc2026"
-# The one context of a dataset without a context column (GEARS's cell_type).
-DEFAULT_CONTEXT = "cell_type"
+# The label of the one context of a dataset without a context column.
+DEFAULT_CONTEXT = CONTEXT
+# Rows per chunk when a context's cells are copied out (counts files, float32).
+CONTEXT_CHUNK = 10_000
 
 
 @dataclass(frozen=True)
@@ -100,8 +106,28 @@ def _refusal(command: str, path: Path, reason: str) -> InputError:
 def build_reference(
     real_counts: str | Path, output: str | Path, settings: Vcc2026Settings = Vcc2026Settings()
 ) -> None:
-    """cell-eval2's real bundle (baseline b and replicate r) of the held-out real counts."""
+    """cell-eval2's real bundle (baseline b and replicate r) of the held-out real counts;
+    one per context, in ``output/{context}``, with several contexts."""
     output = Path(output)
+    contexts = several_contexts(real_counts)
+    if not contexts:
+        _build_bundle(real_counts, output, settings)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp,
+        context_files({"real": real_counts}, contexts, CONTEXT_CHUNK) as files,
+    ):
+        for context in contexts:
+            _build_bundle(files[context]["real"], Path(tmp) / context, settings)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+        os.mkdir(tmp)  # for TemporaryDirectory's clean-up
+
+
+def _build_bundle(real_counts: str | Path, output: Path, settings: Vcc2026Settings) -> None:
+    """One context's real bundle, written whole or not at all."""
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
         baseline = Path(tmp) / "baseline.h5ad"
@@ -172,12 +198,62 @@ def score_vcc2026(
     model_type: str,
     settings: Vcc2026Settings = Vcc2026Settings(),
 ) -> dict[str, Any]:
-    """Score ``pred_counts`` with the vcc2026 preset against the real bundle ``reference``."""
+    """Score ``pred_counts`` with the vcc2026 preset against the real bundle ``reference``
+    (each context against its own, with several contexts)."""
     reference, outdir = Path(reference), Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    contexts = several_contexts(real_counts)
+    if not contexts:
+        members, overall, per_perturbation = _score(
+            pred_counts, real_counts, reference, settings, outdir
+        )
+        context_scores = {DEFAULT_CONTEXT: _number(overall)}
+    else:
+        paths = {"pred": pred_counts, "real": real_counts}
+        with context_files(paths, contexts, CONTEXT_CHUNK) as files:
+            parts = {
+                c: _score(files[c]["pred"], files[c]["real"], reference / c, settings, outdir)
+                for c in contexts
+            }
+        members = mean_over_contexts([part[0] for part in parts.values()])
+        overall = mean_over_contexts([_number(part[1]) for part in parts.values()])
+        context_scores = {c: _number(part[1]) for c, part in parts.items()}
+        per_perturbation = pd.concat(
+            [
+                part[2].assign(**{CONTEXT: c}).set_index(CONTEXT, append=True)
+                for c, part in parts.items()
+            ]
+        ).reorder_levels([CONTEXT, "perturbation"])
+    with atomic_path(outdir / "per_perturbation_vcc2026.csv") as path:
+        # expr_mse_unbiased_capped_norm exists only for the aggregate (a ratio of two means).
+        per_perturbation[[m for m in members if m in per_perturbation.columns]].to_csv(path)
+    summary = {
+        "model_type": model_type,
+        "profile": PRESET,
+        "score": _number(overall if overall is not None else math.nan),
+        "metrics": members,
+        "contexts": context_scores,
+        "n_perturbations": int(len(per_perturbation)),
+        "cell_eval2_version": cell_eval2_version(),
+        "reference": str(reference),
+    }
+    write_json_atomic(outdir / "metrics_vcc2026.json", summary)
+    log.info("%s vcc2026 score %.3f", model_type, summary["score"] or math.nan)
+    return summary
+
+
+def _score(
+    pred_counts: str | Path,
+    real_counts: str | Path,
+    reference: Path,
+    settings: Vcc2026Settings,
+    workdir: Path,
+) -> tuple[dict[str, dict[str, float | None]], float, pd.DataFrame]:
+    """One context: per metric u, b, r and s, the overall score and per-perturbation values
+    (cell-eval2's run written under ``workdir`` meanwhile)."""
     if not (reference / "manifest.json").exists():
         raise InputError(reference, "manifest.json", "is missing", "run vcc2026-reference")
-    outdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=outdir, prefix=".cell_eval2.") as tmp:
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".cell_eval2.") as tmp:
         run_dir, scored = Path(tmp) / "run", Path(tmp) / "scored.csv"
         _cell_eval2(
             "run",
@@ -205,22 +281,7 @@ def score_vcc2026(
         per_perturbation = pd.read_csv(run_dir / "results.csv").pivot(
             index="perturbation", columns="metric", values="value"
         )
-    with atomic_path(outdir / "per_perturbation_vcc2026.csv") as path:
-        # expr_mse_unbiased_capped_norm exists only for the aggregate (a ratio of two means).
-        per_perturbation[[m for m in members if m in per_perturbation.columns]].to_csv(path)
-    summary = {
-        "model_type": model_type,
-        "profile": PRESET,
-        "score": _number(overall),
-        "metrics": members,
-        "contexts": {DEFAULT_CONTEXT: _number(overall)},
-        "n_perturbations": int(len(per_perturbation)),
-        "cell_eval2_version": cell_eval2_version(),
-        "reference": str(reference),
-    }
-    write_json_atomic(outdir / "metrics_vcc2026.json", summary)
-    log.info("%s vcc2026 score %.3f", model_type, summary["score"] or math.nan)
-    return summary
+    return members, float(overall), per_perturbation
 
 
 def collect_vcc2026(

@@ -18,6 +18,11 @@ type) and ``.../real.h5ad`` (the truth they are compared with):
 * ``real.h5ad``: the same control cells plus every real cell of the held-out perturbations.
 * ``uns['scgpt_vcc_prediction']``: model type, seed, split file, settings and the
   construction's diagnostics (below).
+* Several cell contexts (``obs.cell_type`` of the data holds more than one value): every
+  held-out perturbation is predicted in each context that measured it, from that context's
+  control cells, by a model fitted (baselines) or averaged (scGPT) over that context; the
+  cells carry ``obs.cell_type`` and predicted cells are named ``{context}:{target}_pred{i}``.
+  With one context the files have no ``cell_type`` column, as the VCC's.
 
 How predicted cells are built (their mean is the model's population mean):
 :mod:`scgpt_vcc.predict.population`.
@@ -25,8 +30,9 @@ How predicted cells are built (their mean is the model's population mean):
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +42,7 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from scgpt_vcc.data.gears import CONTROL, gene_symbols, perturbed_genes
+from scgpt_vcc.data.gears import CONTEXT, CONTROL, gene_symbols, perturbed_genes
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import (
     CsrRowReader,
@@ -46,8 +52,7 @@ from scgpt_vcc.io import (
     read_uns,
 )
 from scgpt_vcc.predict.population import (
-    CellModel,
-    ControlReference,
+    ContextModel,
     Diagnostics,
     match_mean,
     population_means,
@@ -74,6 +79,10 @@ class ExpressionData:
         if "gene_id" in var:
             self.var["gene_id"] = var["gene_id"].astype(str).to_numpy()
         self.condition = obs["condition"].astype(str).to_numpy()
+        # Each cell's context; a file without the column is one context.
+        self.context = (
+            obs[CONTEXT].astype(str).to_numpy() if CONTEXT in obs else np.full(len(obs), "")
+        )
         self.obs_names = obs.index.astype(str).to_numpy()
         settings = read_uns(self.path).get("scgpt_vcc", {})
         self.control_label = control_label or str(settings.get("control_label", "non-targeting"))
@@ -88,6 +97,23 @@ class ExpressionData:
     @property
     def control_rows(self) -> np.ndarray:
         return np.flatnonzero(self.condition == CONTROL)
+
+    @property
+    def contexts(self) -> list[str]:
+        """The contexts of the cells, sorted."""
+        return sorted(set(self.context))
+
+    @property
+    def several_contexts(self) -> bool:
+        return len(self.contexts) > 1
+
+    def in_context(self, context: str) -> ExpressionData:
+        """The same file seen through one context: other contexts' cells have no condition,
+        so ``control_rows``, ``rows_of`` and the baselines' means see this context only; rows
+        keep their numbers in the file."""
+        view = copy.copy(self)
+        view.condition = np.where(self.context == context, self.condition, "")
+        return view
 
     def rows_of(self, condition: str) -> np.ndarray:
         return np.flatnonzero(self.condition == condition)
@@ -106,15 +132,36 @@ class ExpressionData:
 
 @dataclass(frozen=True)
 class Group:
-    """Cells of one perturbation: predicted from ``input_rows`` (control cells)."""
+    """Cells of one perturbation: predicted from ``input_rows`` (control cells).
+
+    ``context``: the cell context of a several-context dataset (``None``: the only one).
+    """
 
     target_gene: str
     condition: str
     input_rows: np.ndarray
+    context: str | None = None
 
     @property
     def targets(self) -> list[str]:
         return perturbed_genes(self.condition)
+
+    @property
+    def label(self) -> str:
+        """Name of the group in a file: the target, with its context when there are several."""
+        return self.target_gene if self.context is None else f"{self.context}:{self.target_gene}"
+
+    def real_rows(self, data: ExpressionData) -> np.ndarray:
+        """Rows of the real cells of this perturbation (in its context)."""
+        source = data if self.context is None else data.in_context(self.context)
+        return source.rows_of(self.condition)
+
+
+def context_views(data: ExpressionData) -> list[tuple[str | None, ExpressionData]]:
+    """``(context, view)`` per context of a several-context file, else ``[(None, data)]``."""
+    if not data.several_contexts:
+        return [(None, data)]
+    return [(context, data.in_context(context)) for context in data.contexts]
 
 
 def heldout_groups(
@@ -124,31 +171,38 @@ def heldout_groups(
     n_cells: int | None,
     seed: int,
 ) -> list[Group]:
-    """One :class:`Group` per held-out condition (controls and unknown conditions skipped)."""
+    """One :class:`Group` per held-out condition and context that measured it (controls
+    and unknown conditions skipped)."""
     rng = np.random.default_rng(seed)
-    controls = data.control_rows
     groups = []
-    for condition in conditions:
-        if condition == CONTROL:
-            continue
-        real = data.rows_of(condition)
-        if real.size == 0:
-            log.warning("held-out condition %s has no cells in %s; skipped", condition, data.path)
-            continue
-        if n_cells is None:
-            inputs = control_row[real]
-        else:
-            inputs = rng.choice(controls, size=n_cells, replace=n_cells > controls.size)
-        groups.append(Group(data.target_label(condition), condition, np.asarray(inputs)))
+    for context, view in context_views(data):
+        controls = view.control_rows
+        for condition in conditions:
+            if condition == CONTROL:
+                continue
+            real = view.rows_of(condition)
+            if real.size == 0:
+                where = data.path if context is None else f"{data.path} (context {context})"
+                log.warning("held-out condition %s has no cells in %s; skipped", condition, where)
+                continue
+            if n_cells is None:
+                inputs = control_row[real]
+            else:
+                inputs = rng.choice(controls, size=n_cells, replace=n_cells > controls.size)
+            target = data.target_label(condition)
+            groups.append(Group(target, condition, np.asarray(inputs), context))
     return groups
 
 
 def sample_controls(data: ExpressionData, n: int | None, seed: int) -> np.ndarray:
-    """Rows of ``n`` control cells (all when ``None`` or more than exist), sorted."""
-    rows = data.control_rows
-    if n is None or n >= rows.size:
-        return rows
-    return np.sort(np.random.default_rng([seed, 1]).choice(rows, size=n, replace=False))
+    """Rows of ``n`` control cells of each context (all when ``None`` or more than exist),
+    sorted."""
+    rng = np.random.default_rng([seed, 1])
+    picked = []
+    for _, view in context_views(data):
+        rows = view.control_rows
+        picked.append(rows if n is None or n >= rows.size else rng.choice(rows, n, replace=False))
+    return np.sort(np.concatenate(picked))
 
 
 def _obs(
@@ -165,10 +219,8 @@ def _obs(
         )
     ]
     for g in groups:
-        rows = data.rows_of(g.condition) if real else g.input_rows
-        index = (
-            data.obs_names[rows] if real else [f"{g.target_gene}_pred{i}" for i in range(rows.size)]
-        )
+        rows = g.real_rows(data) if real else g.input_rows
+        index = data.obs_names[rows] if real else [f"{g.label}_pred{i}" for i in range(rows.size)]
         parts.append(
             pd.DataFrame(
                 {"target_gene": g.target_gene, "condition": g.condition, "input_row": rows},
@@ -177,7 +229,11 @@ def _obs(
         )
     obs = pd.concat(parts)
     obs.index = obs.index.astype(str)
-    for col in ("target_gene", "condition"):
+    columns = ["target_gene", "condition"]
+    if data.several_contexts:  # predicted cells share their input control cell's context
+        obs[CONTEXT] = data.context[obs["input_row"].to_numpy()]
+        columns.append(CONTEXT)
+    for col in columns:
         obs[col] = pd.Categorical(obs[col].astype(str))
     obs["input_row"] = obs["input_row"].astype(np.int64)
     return obs
@@ -195,8 +251,7 @@ def write_cells(
     data: ExpressionData,
     control_rows: np.ndarray,
     groups: Sequence[Group],
-    model: CellModel | None,
-    reference: ControlReference | None = None,
+    models: Mapping[str | None, ContextModel] | None,
     *,
     batch_size: int = 256,
     columns: np.ndarray | None = None,
@@ -206,21 +261,20 @@ def write_cells(
 ) -> Diagnostics:
     """Write control cells plus each group's cells.
 
-    ``model=None`` writes the real cells of each group's condition (``real.h5ad``);
-    otherwise the model makes each group's cells from its ``input_rows``
-    (``batch_size`` cells per model call), rescaled to its population mean over
-    ``reference`` (module docstring). One group's cells are held in memory at a time.
+    ``models=None`` writes the real cells of each group's condition (``real.h5ad``);
+    otherwise the model of the group's context (``models[group.context]``) makes its cells
+    from its ``input_rows`` (``batch_size`` cells per model call), rescaled to its
+    population mean over that context's reference controls (module docstring). One
+    group's cells are held in memory at a time.
     ``columns`` selects and orders the genes written (default: all, in data order);
     ``depth_factor`` re-expresses every written value at that multiple of the data's depth
     (:func:`rescale_log1p`; the submission's scale). Returns the construction's diagnostics,
     also stored as ``construction`` in each section of ``uns`` when it is given.
     """
-    real = model is None
+    real = models is None
     means, diagnostics = {}, Diagnostics()
     if not real:
-        if reference is None:
-            raise ValueError("a model's cells need the control reference")
-        means, diagnostics = population_means(model, groups, reference)
+        means, diagnostics = population_means(models, groups)
     obs = _obs(data, control_rows, groups, real)
     if columns is None:
         columns = np.arange(data.n_genes)
@@ -240,18 +294,19 @@ def write_cells(
             append(data.read(rows, columns))
         for group in groups:
             if real:
-                for rows in row_batches(data.rows_of(group.condition), batch_size):
+                for rows in row_batches(group.real_rows(data), batch_size):
                     append(data.read(rows, columns))
                 continue
+            model = models[group.context].model
             predicted = np.concatenate(
                 [
                     model.cells(data.read(rows), group.targets)
                     for rows in row_batches(group.input_rows, batch_size)
                 ]
             )
-            cells, negative, filled = match_mean(predicted, means[group.condition])
-            diagnostics.clipped_values[group.target_gene] = negative
-            diagnostics.filled_genes[group.target_gene] = filled
+            cells, negative, filled = match_mean(predicted, means[group.label])
+            diagnostics.clipped_values[group.label] = negative
+            diagnostics.filled_genes[group.label] = filled
             for start in range(0, cells.shape[0], batch_size):
                 append(cells[start : start + batch_size, columns])
         if uns is not None and not real:

@@ -19,7 +19,7 @@ Docs: docs/metrics.md, "Predicted cells".
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -144,22 +144,32 @@ class Diagnostics:
 MAX_REDRAW_DEVIATION = 0.01
 
 
+@dataclass(frozen=True)
+class ContextModel:
+    """A model and the control population of the context it predicts."""
+
+    model: CellModel
+    reference: ControlReference
+
+
 def population_means(
-    model: CellModel, groups: Sequence[Group], reference: ControlReference
+    models: Mapping[str | None, ContextModel], groups: Sequence[Group]
 ) -> tuple[dict[str, np.ndarray], Diagnostics]:
-    """Each group's population mean (clipped at 0) and what clipping and estimation did."""
+    """Each group's population mean (clipped at 0), by the model of its context, keyed by
+    ``group.label``; and what clipping and estimation did."""
     means, diagnostics = {}, Diagnostics()
     for group in tqdm(groups, desc="population means", unit="perturbation"):
+        model, reference = models[group.context].model, models[group.context].reference
         estimate = model.population_mean(group.targets, reference)
-        means[group.condition] = np.maximum(estimate.values, 0.0)
-        diagnostics.clipped_mean_genes[group.target_gene] = int((estimate.values < 0).sum())
+        means[group.label] = np.maximum(estimate.values, 0.0)
+        diagnostics.clipped_mean_genes[group.label] = int((estimate.values < 0).sum())
         if estimate.redraw_deviation is not None:
-            diagnostics.redraw_deviation[group.target_gene] = estimate.redraw_deviation
+            diagnostics.redraw_deviation[group.label] = estimate.redraw_deviation
             if estimate.redraw_deviation > MAX_REDRAW_DEVIATION:
                 log.warning(
                     "%s: drawing the %d reference controls anew would move a gene's "
                     "pseudobulk by up to %.4f (> %.2f); raise predict.n_reference_cells",
-                    group.target_gene,
+                    group.label,
                     reference.rows.size,
                     estimate.redraw_deviation,
                     MAX_REDRAW_DEVIATION,

@@ -23,11 +23,17 @@ from scgpt_vcc.predict.cells import (
     REAL_MODEL_TYPE,
     ExpressionData,
     Group,
+    context_views,
     heldout_groups,
     sample_controls,
     write_cells,
 )
-from scgpt_vcc.predict.population import CellModel, ControlReference, control_reference
+from scgpt_vcc.predict.population import (
+    CellModel,
+    ContextModel,
+    ControlReference,
+    control_reference,
+)
 from scgpt_vcc.predict.scgpt import DEFAULT_CHUNK_SIZE, load_predictor
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,32 @@ def reference_for(data: ExpressionData, settings: PredictSettings) -> ControlRef
     )
 
 
+def context_models(
+    model_type: str,
+    data: ExpressionData,
+    train_conditions: list[str],
+    settings: PredictSettings,
+    model_dir: str | Path | None = None,
+) -> dict[str | None, ContextModel]:
+    """The model of each context with that context's reference controls.
+
+    A baseline is fitted on each context's own training cells (the training perturbations
+    it measured); an scGPT model is loaded once: its context comes from its input cells.
+    """
+    shared = None
+    if model_type in SCGPT_MODEL_TYPES:
+        shared = build_model(model_type, data, train_conditions, settings, model_dir)
+    models = {}
+    for context, view in context_views(data):
+        model = shared
+        if model is None:
+            measured = set(view.condition)
+            train = [c for c in train_conditions if context is None or c in measured]
+            model = build_model(model_type, view, train, settings, model_dir)
+        models[context] = ContextModel(model, reference_for(view, settings))
+    return models
+
+
 def _plan(
     data: ExpressionData, split_path: Path, pairing_path: Path, settings: PredictSettings
 ) -> tuple[dict[str, list[str]], np.ndarray, list[Group]]:
@@ -127,10 +159,11 @@ def predict_heldout(
     settings: PredictSettings,
     model_dir: str | Path | None = None,
 ) -> None:
-    """Write ``{model_type}.h5ad``: controls plus predicted cells of each test condition."""
+    """Write ``{model_type}.h5ad``: controls plus predicted cells of each test condition (in
+    each context)."""
     data = ExpressionData(data_path)
     split, controls, groups = _plan(data, Path(split_path), Path(pairing_path), settings)
-    model = build_model(model_type, data, split["train"], settings, model_dir)
+    models = context_models(model_type, data, split["train"], settings, model_dir)
     log.info(
         "%s: %d held-out perturbations, %d control cells", model_type, len(groups), controls.size
     )
@@ -139,8 +172,7 @@ def predict_heldout(
         data,
         controls,
         groups,
-        model,
-        reference_for(data, settings),
+        models,
         batch_size=settings.batch_size,
         uns=_uns(model_type, Path(split_path), settings),
     )
