@@ -120,6 +120,8 @@ def test_scores_are_per_context_and_averaged(two_context_run: Path) -> None:
     assert sorted(set(table[CONTEXT])) == CONTEXTS
     assert metrics["n_perturbations"] == len(table)
     summary = (root / "results/eval/demo/summary.md").read_text()
-    assert "RPE1" in summary
+    assert "## Per cell context" in summary
+    assert "| linear | RPE1 | " in summary
+    assert "summed over 2 cell contexts" in summary
     # A VCC submission has one context: none is made.
     assert not (root / "results/submission").exists()

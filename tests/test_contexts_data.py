@@ -25,6 +25,8 @@ from scgpt_vcc.data.graphs import CellGraphBuilder
 from scgpt_vcc.data.pairing import draw_control_rows, read_pairing, write_pairing
 from scgpt_vcc.data.qc import qc_report
 from scgpt_vcc.errors import InputError
+from scgpt_vcc.predict.run import PredictSettings
+from scgpt_vcc.submission import SubmissionSettings, make_submission
 
 gears_utils = pytest.importorskip("gears.data_utils")
 
@@ -297,3 +299,20 @@ def test_a_context_without_controls_is_named(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"no 'ctrl' cells in the contexts.*\['B'\]"):
         compute_de(tmp_path / "conv.h5ad", tmp_path / "p.h5ad", tmp_path / "s.npz")
     assert not (tmp_path / "p.h5ad").exists() and not (tmp_path / "s.npz").exists()
+
+
+def test_a_submission_of_several_contexts_is_refused(
+    stages: dict[str, Path], tmp_path: Path
+) -> None:
+    """A VCC submission holds one cell context; the workflow makes none for several."""
+    with pytest.raises(InputError, match=r"obs.cell_type.*2 cell contexts.*context_column"):
+        make_submission(
+            stages["processed"],
+            tmp_path / "split.pkl",
+            tmp_path / "counts.csv",
+            tmp_path / "genes.csv",
+            tmp_path / "out",
+            SubmissionSettings(model_type="control"),
+            PredictSettings(),
+        )
+    assert not (tmp_path / "out").exists()

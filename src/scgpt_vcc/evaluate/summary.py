@@ -270,8 +270,9 @@ def summarize(
         (run_dir(Path(eval_dir), seeds[0], model_types[0]) / "metrics.json").read_text()
     )
     notes = [
-        f"{first['n_perturbations']} held-out perturbations per seed; cell-eval "
-        f"{first['cell_eval_version']} (profile vcc).",
+        f"{first['n_perturbations']} held-out perturbations per seed"
+        + (f" (summed over {len(first['contexts'])} cell contexts)" if "contexts" in first else "")
+        + f"; cell-eval {first['cell_eval_version']} (profile vcc).",
         "challenge_score and the VCC 2025 calibrated scores: against "
         + ("this run's train_mean" if BASELINE_MODEL in model_types else "the configured baseline")
         + " (0 for train_mean itself).",
