@@ -200,7 +200,7 @@ def _context_column(obs: pd.DataFrame, context_column: str, path: str | Path) ->
     return obs[context_column]
 
 
-def cell_contexts(
+def input_contexts(
     obs: pd.DataFrame, context_column: str, path: str | Path = "<input>"
 ) -> pd.Categorical:
     """Each cell's context, ``obs[context_column]`` as strings; checked like a GEARS key."""
@@ -245,7 +245,7 @@ def gears_annotations(
         _check_cell_type(cell_type)
         contexts = pd.Categorical([cell_type] * len(obs))
     else:
-        contexts = cell_contexts(obs, context_column, path)
+        contexts = input_contexts(obs, context_column, path)
     targets = _perturbation_targets(obs, perturbation_column, control_label, path)
     symbols = gene_symbols(var, path)
     _check_unique(symbols, "var.index", "gene names", path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from scgpt_vcc.errors import InputError
@@ -21,6 +22,13 @@ CONTROL = "ctrl"
 # obs column of each cell's context; GEARS keys its DE genes by ``{cell_type}_{condition}_{dose}``.
 CONTEXT = "cell_type"
 SPLIT_KEYS = ("train", "val", "test")
+
+
+def cell_contexts(obs: pd.DataFrame) -> np.ndarray:
+    """Each cell's context as strings; a file without ``obs.cell_type`` is one context ("")."""
+    if CONTEXT not in obs:
+        return np.full(len(obs), "")
+    return obs[CONTEXT].astype(str).to_numpy()
 
 
 def condition_of(target: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from scgpt_vcc.data.gears import CONTEXT
+from scgpt_vcc.data.gears import CONTEXT, cell_contexts
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import read_annotations, write_rows
 
@@ -31,9 +31,7 @@ from scgpt_vcc.io import read_annotations, write_rows
 def several_contexts(path: str | Path) -> list[str]:
     """The contexts of ``path``'s cells (sorted) when there are several, else ``[]``."""
     obs, _ = read_annotations(path)
-    if CONTEXT not in obs:
-        return []
-    contexts = sorted(set(obs[CONTEXT].astype(str)))
+    contexts = sorted(set(cell_contexts(obs)))
     return contexts if len(contexts) > 1 else []
 
 
@@ -47,9 +45,7 @@ def context_files(
         files: dict[str, dict[str, Path]] = {context: {} for context in contexts}
         for name, path in paths.items():
             obs, _ = read_annotations(path)
-            labels = (
-                obs[CONTEXT].astype(str).to_numpy() if CONTEXT in obs else np.array([], dtype=str)
-            )
+            labels = cell_contexts(obs)
             for context in contexts:
                 rows = np.flatnonzero(labels == context)
                 if rows.size == 0:

@@ -118,12 +118,12 @@ def build_reference(
         tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp,
         context_files({"real": real_counts}, contexts, CONTEXT_CHUNK) as files,
     ):
+        bundles = Path(tmp) / "bundles"
         for context in contexts:
-            _build_bundle(files[context]["real"], Path(tmp) / context, settings)
+            _build_bundle(files[context]["real"], bundles / context, settings)
         if output.exists():
             shutil.rmtree(output)
-        os.replace(tmp, output)
-        os.mkdir(tmp)  # for TemporaryDirectory's clean-up
+        os.replace(bundles, output)
 
 
 def _build_bundle(real_counts: str | Path, output: Path, settings: Vcc2026Settings) -> None:

@@ -42,7 +42,13 @@ import pandas as pd
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from scgpt_vcc.data.gears import CONTEXT, CONTROL, gene_symbols, perturbed_genes
+from scgpt_vcc.data.gears import (
+    CONTEXT,
+    CONTROL,
+    cell_contexts,
+    gene_symbols,
+    perturbed_genes,
+)
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import (
     CsrRowReader,
@@ -79,10 +85,7 @@ class ExpressionData:
         if "gene_id" in var:
             self.var["gene_id"] = var["gene_id"].astype(str).to_numpy()
         self.condition = obs["condition"].astype(str).to_numpy()
-        # Each cell's context; a file without the column is one context.
-        self.context = (
-            obs[CONTEXT].astype(str).to_numpy() if CONTEXT in obs else np.full(len(obs), "")
-        )
+        self.context = cell_contexts(obs)
         self.obs_names = obs.index.astype(str).to_numpy()
         settings = read_uns(self.path).get("scgpt_vcc", {})
         self.control_label = control_label or str(settings.get("control_label", "non-targeting"))
