@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py --out DIR             # on a GPU machine (real model size)
     python bench/gpu_check.py --out DIR --dry-run   # every step at toy size on the CPU
+    python bench/gpu_check.py --out DIR --steps speed --variants compile compile-cudnn
 
 Each step writes its part of ``DIR/gpu_check.json`` as soon as it ends; a failing step is
 recorded with its error and the next one still runs. The last lines printed are a summary.
@@ -11,8 +12,8 @@ recorded with its error and the next one still runs. The last lines printed are 
    random data: the denominator of MFU.
 2. ``training``: ``bench/train_throughput.py --device cuda`` at the real size (60,697-token
    vocabulary, 512 wide, 12 layers, 8 heads, 1,536 genes per cell, batch 64): ours as
-   shipped (bf16, one batch-building worker), ours in fp16 and compiled, against scgpt
-   0.2.4's model fed as the tutorial does (fp16 autocast + GradScaler). FLOPs
+   shipped (bf16, one batch-building worker, ``train.compile``; eager in the dry run)
+   against scgpt 0.2.4's model fed as the tutorial does (fp16 autocast + GradScaler). FLOPs
    per trained cell are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one
    forward+backward; MFU = cells/s x FLOPs per cell / measured bf16 rate.
 3. ``memory``: real-size training steps (fused Adam, clipping, autocast as ``finetune``) on
@@ -20,20 +21,25 @@ recorded with its error and the next one still runs. The last lines printed are 
    model-step rate alone (what the data pipeline must keep up with). A linear fit of peak
    memory on micro-batch gives the largest power-of-two micro-batch for an A40 (46,068 MiB)
    and a TITAN RTX (24,220 MiB), keeping 10% and 512 MiB for the CUDA context spare.
-4. ``prediction``: ``ScGPTPredictor.cells`` over all 18,080 VCC genes (chunks of 1,536) per
-   cells-per-call, and the time this gives for the VCC validation submission: its 60,751
-   cells plus the 2,048 reference controls of each of its 50 perturbations.
-5. ``tests``: ``pytest -m gpu tests/test_gpu.py`` (mixed-precision training, flash vs math
+4. ``speed``: the model step of ``memory`` at batch 64 in bf16, one variant at a time, to
+   find what lifts training past 1,000 cells/s: the attention kernel (flash, as shipped, or
+   cuDNN's) and torch.compile's modes (default, as ``train.compile``; CUDA graphs).
+5. ``prediction``: ``ScGPTPredictor.cells`` over all 18,080 VCC genes (chunks of 1,536) per
+   cells-per-call, eager and compiled, and the time this gives for the VCC validation
+   submission: its 60,751 cells plus the 2,048 reference controls of each of its 50
+   perturbations.
+6. ``tests``: ``pytest -m gpu tests/test_gpu.py`` (mixed-precision training, flash vs math
    attention, a real CUDA out-of-memory, kill-and-resume, compiled training, NCCL).
 
 The GPU machine has torch, numpy, h5py, pandas, scipy, torch-geometric and pytest, but not
-anndata, scanpy, cell-gears or scgpt: carry their wheels (docs/benchmarks.md, "GPU check",
-gives the command).
+anndata, scanpy, cell-gears or scgpt: ``bench/gpu_wheels.sh`` downloads their wheels here and
+``bash bench/gpu_check.sh OUT`` installs them there and runs this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -58,13 +64,17 @@ VOCAB_SIZE = VOCAB_GENES + len(SPECIAL_TOKENS)  # the whole-human vocabulary: 60
 VCC_GENES = REPO / "resources" / "reference" / "vcc_gene_names.csv"
 VCC_VALIDATION = {"cells": 60_751, "perturbations": 50}
 CARDS_MIB = {"a40": 46_068, "titanrtx": 24_220}  # total memory as nvidia-smi reports it
+STEPS = ("environment", "training", "memory", "speed", "prediction", "tests")
 
 REAL = {
     "model": {"embsize": 512, "nlayers": 12, "nheads": 8, "d_hid": 512},
     "max_seq_len": 1536, "batch": 64, "n_genes": 2000, "n_cells": 4000, "n_perts": 50,
     "warmup": 3, "steps": 20, "micro_batches": (16, 32, 64, 128),
     "predict_cells": (64, 256, 1024), "predict_genes": 18_080, "matmul": 8192,
-    "methods": ("ours", "ours-fp16", "ours-compile", "reference"),
+    # ours as shipped (train.compile); eager and fp16 were measured on the H200 (benchmarks.md).
+    "methods": ("ours-compile", "reference"),
+    "speed_variants": ("compile", "compile-cudnn", "compile-cudagraphs", "eager-cudnn"),
+    "speed_steps": 10, "predict_compile": True,
 }  # fmt: skip
 DRY = {
     "model": {"embsize": 32, "nlayers": 2, "nheads": 4, "d_hid": 32},
@@ -72,7 +82,19 @@ DRY = {
     "warmup": 1, "steps": 3, "micro_batches": (2, 4),
     "predict_cells": (8, 16), "predict_genes": 600, "matmul": 256,
     "methods": ("ours", "reference"),
+    # cuDNN attention and torch.compile are GPU paths (the latter needs minutes of CPU here).
+    "speed_variants": ("eager", "eager-math"), "speed_steps": 4, "predict_compile": False,
 }  # fmt: skip
+# Variants of the speed step: (attention kernel or None for torch's choice, compile mode or
+# None for eager). torch picks flash for the unmasked bf16 forward, as finetune runs it.
+SPEED_VARIANTS = {
+    "eager": (None, None),
+    "eager-math": ("math", None),
+    "eager-cudnn": ("cudnn", None),
+    "compile": (None, "default"),
+    "compile-cudnn": ("cudnn", "default"),
+    "compile-cudagraphs": (None, "reduce-overhead"),
+}
 
 
 class Report:
@@ -137,7 +159,7 @@ def matmul_rate(n: int, dev: torch.device) -> float:
     return round(2 * n**3 / float(np.median(times)) / 1e12, 1)
 
 
-# --------------------------------------------------------------------------- 5 tests
+# --------------------------------------------------------------------------- 6 tests
 
 
 def gpu_tests(out: Path, dry_run: bool) -> dict:
@@ -267,9 +289,29 @@ def largest_power_of_two(slope: float, intercept: float, card_mib: int) -> int:
     return micro if intercept + slope * micro <= room else 0
 
 
-def train_steps(size: dict, dev: torch.device, dtype, micro: int, steps: int = 4) -> dict:
-    """Peak memory and model-step cells/s of real-size training on resident batches."""
+def attention_kernel(name: str | None) -> contextlib.AbstractContextManager:
+    """Restrict scaled_dot_product_attention to one kernel; None leaves torch's choice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name is None:
+        return contextlib.nullcontext()
+    backend = {"math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+    return sdpa_kernel([backend])
+
+
+def train_steps(
+    size: dict,
+    dev: torch.device,
+    dtype,
+    micro: int,
+    steps: int = 4,
+    attention: str | None = None,
+    compile_mode: str | None = None,
+) -> dict:
+    """Peak memory and model-step cells/s of real-size training on resident batches (the
+    median over the second half of ``steps``: compiling and graph capture come first)."""
     model = real_size_model(size, dev)
+    forward = model if compile_mode is None else torch.compile(model, mode=compile_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-4, fused=dev.type == "cuda")
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
@@ -283,28 +325,65 @@ def train_steps(size: dict, dev: torch.device, dtype, micro: int, steps: int = 4
             synchronize()
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                pred = model(*batch[:3])
-            scaler.scale(F.mse_loss(pred.float(), batch[3])).backward()
+            if compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            with (
+                attention_kernel(attention),
+                torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
+                pred = forward(*batch[:3])
+                loss = F.mse_loss(pred.float(), batch[3])
+            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             scaler.step(optimizer)
             scaler.update()
             synchronize()
             times.append(time.perf_counter() - start)
-        result = {"model_step_cells_per_s": round(micro / float(np.median(times[1:])), 1)}
+        timed = times[max(1, steps // 2) :]
+        result = {"model_step_cells_per_s": round(micro / float(np.median(timed)), 1)}
         if dev.type == "cuda":
             result["peak_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
         return result
     except torch.OutOfMemoryError:
         return {"out_of_memory": True}
     finally:
-        del model, optimizer, batch
+        del model, forward, optimizer, batch
+        torch.compiler.reset()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
 
-# --------------------------------------------------------------------------- 4 prediction
+# --------------------------------------------------------------------------- 4 speed
+
+
+def speed(size: dict, dev: torch.device, bf16_tflops: float | None) -> dict:
+    """Model-step cells/s of each variant at the training batch; MFU where a rate is known."""
+    from scgpt_vcc.model.device import autocast_dtype
+
+    dtype = autocast_dtype("bf16", dev)
+    flops = flops_per_cell(size, dev)
+    rows = []
+    for name in size["speed_variants"]:
+        attention, mode = SPEED_VARIANTS[name]
+        try:
+            row = {"variant": name, **train_steps(
+                size, dev, dtype, size["batch"], size["speed_steps"], attention, mode
+            )}  # fmt: skip
+        except Exception as error:  # one variant's failure is a result, not the step's end
+            row = {"variant": name, "error": f"{type(error).__name__}: {error}"[:500]}
+        if "model_step_cells_per_s" in row and bf16_tflops:
+            row["mfu"] = round(row["model_step_cells_per_s"] * flops / 1e12 / bf16_tflops, 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0].get("model_step_cells_per_s")
+    for row in rows:
+        if base and "model_step_cells_per_s" in row:
+            row["vs_first"] = round(row["model_step_cells_per_s"] / base, 3)
+    return {"batch": size["batch"], "flops_per_cell": flops, "rows": rows}
+
+
+# --------------------------------------------------------------------------- 5 prediction
 
 
 def prediction(size: dict, dev: torch.device) -> dict:
@@ -321,29 +400,12 @@ def prediction(size: dict, dev: torch.device) -> dict:
     chunk = min(DEFAULT_CHUNK_SIZE, size["max_seq_len"])
     predictor = ScGPTPredictor(model, vocab, genes, chunk_size=chunk, precision="auto")
     rng = np.random.default_rng(0)
-    rows = []
-    for n in size["predict_cells"]:
-        control = (rng.random((n, len(genes))) * 4 * (rng.random((n, len(genes))) > 0.7)).astype(
-            np.float32
-        )
-        try:
-            predictor.cells(control, [genes[0]])  # warm-up
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            start = time.perf_counter()
-            predicted = predictor.cells(control, [genes[0]])
-            seconds = time.perf_counter() - start
-        except torch.OutOfMemoryError:
-            rows.append({"cells_per_call": n, "out_of_memory": True})
-            torch.cuda.empty_cache()
-            continue
-        if not np.isfinite(predicted).all():
-            raise AssertionError(f"non-finite predictions at {n} cells per call")
-        row = {"cells_per_call": n, "cells_per_s": round(n / seconds, 1)}
-        if dev.type == "cuda":
-            row["peak_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows = [predict_rate(predictor, genes, n, rng, dev) for n in size["predict_cells"]]
+    if size["predict_compile"]:  # predict.compile, at the best size of eager
+        compiled = ScGPTPredictor(model, vocab, genes, chunk_size=chunk, compile=True)
+        n = max((r for r in rows if "cells_per_s" in r), key=lambda r: r["cells_per_s"])
+        rate = predict_rate(compiled, genes, n["cells_per_call"], rng, dev, warmups=2)
+        rows.append({"compiled": True, **rate})
     best = max((r for r in rows if "cells_per_s" in r), key=lambda r: r["cells_per_s"])
     cells = VCC_VALIDATION["cells"] + 2048 * VCC_VALIDATION["perturbations"]
     return {
@@ -351,9 +413,38 @@ def prediction(size: dict, dev: torch.device) -> dict:
         "chunk_size": chunk,
         "precision": str(predictor.dtype),
         "rows": rows,
+        "best": best,
         "vcc_validation_cells": cells,
         "vcc_validation_minutes_at_best": round(cells / best["cells_per_s"] / 60, 1),
     }
+
+
+def predict_rate(
+    predictor, genes: list[str], n: int, rng, dev: torch.device, warmups: int = 1
+) -> dict:
+    """Cells/s of one timed call of ``n`` cells after ``warmups`` calls (compilation)."""
+    control = (rng.random((n, len(genes))) * 4 * (rng.random((n, len(genes))) > 0.7)).astype(
+        np.float32
+    )
+    try:
+        for _ in range(warmups):
+            predictor.cells(control, [genes[0]])
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        synchronize()
+        start = time.perf_counter()
+        predicted = predictor.cells(control, [genes[0]])
+        seconds = time.perf_counter() - start
+    except torch.OutOfMemoryError:  # the predictor splits calls: only one cell cannot fit
+        torch.cuda.empty_cache()
+        return {"cells_per_call": n, "out_of_memory": True}
+    if not np.isfinite(predicted).all():
+        raise AssertionError(f"non-finite predictions at {n} cells per call")
+    row = {"cells_per_call": n, "cells_per_s": round(n / seconds, 1)}
+    if dev.type == "cuda":
+        row["peak_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 # --------------------------------------------------------------------------- main
@@ -375,6 +466,8 @@ def summary(data: dict) -> list[str]:
     fits = steps.get("memory", {}).get("largest_micro_batch")
     if fits:
         lines.append(f"largest micro-batch: {fits}")
+    for row in steps.get("speed", {}).get("rows", []):
+        lines.append(f"speed {row}")
     pred = steps.get("prediction", {})
     if pred.get("ok"):
         lines.append(
@@ -393,14 +486,19 @@ def main() -> None:
     parser.add_argument(
         "--steps",
         nargs="+",
-        choices=("environment", "training", "memory", "prediction", "tests"),
-        default=["environment", "training", "memory", "prediction", "tests"],
+        choices=STEPS,
+        default=list(STEPS),
     )
     parser.add_argument("--methods", nargs="+", help="training methods (default: all of the size)")
+    parser.add_argument(
+        "--variants", nargs="+", choices=SPEED_VARIANTS, help="speed variants (default: the size's)"
+    )
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU machine, or use --dry-run")
     size = DRY if args.dry_run else REAL
+    if args.variants:
+        size = {**size, "speed_variants": tuple(args.variants)}
     dev = torch.device("cpu") if args.dry_run else device()
     args.out.mkdir(parents=True, exist_ok=True)
     report = Report(args.out, {"dry_run": args.dry_run, **size})
@@ -413,6 +511,7 @@ def main() -> None:
             args.out, args.workdir, size, dev, bf16 if dev.type == "cuda" else None, args.methods
         ),
         "memory": lambda: memory(size, dev),
+        "speed": lambda: speed(size, dev, bf16 if dev.type == "cuda" else None),
         "prediction": lambda: prediction(size, dev),
         "tests": lambda: gpu_tests(args.out, args.dry_run),
     }

@@ -1,4 +1,5 @@
-"""Precision decided from the hardware: one function for training and prediction."""
+"""Precision and compilation decided from the hardware: one function each for training and
+prediction."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from scgpt_vcc.model.device import autocast_dtype
+from scgpt_vcc.model.device import autocast_dtype, compiles
 from scgpt_vcc.train.config import TrainConfig
 from scgpt_vcc.train.precision import resolve_precision
 
@@ -43,3 +44,9 @@ def test_prediction_on_cpu_stays_fp32_whatever_the_gpu_class(monkeypatch):
     assert autocast_dtype("auto", cpu, cpu_amp=True) is torch.bfloat16
     with pytest.raises(ValueError, match="unknown precision 'int8'"):
         autocast_dtype("int8", cpu)
+
+
+def test_training_and_prediction_compile_on_a_gpu_only():
+    cpu = torch.device("cpu")
+    assert compiles(True, GPU) and not compiles(False, GPU)
+    assert not compiles(True, cpu) and not compiles(False, cpu)

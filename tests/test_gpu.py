@@ -82,6 +82,25 @@ def test_compiled_training_follows_the_eager_loss_curve(train_inputs, tmp_path):
     np.testing.assert_allclose(compiled, eager, rtol=2e-2 if CUDA else 1e-3)
 
 
+@pytest.mark.skipif(not CUDA, reason="torch.compile is a GPU path (ignored on a CPU)")
+def test_compiled_prediction_equals_eager():
+    from scgpt_vcc.predict.scgpt import ScGPTPredictor
+
+    model = _model().eval()
+    genes = [f"G{i}" for i in range(400)]
+    vocab = {g: i + 3 for i, g in enumerate(genes)}
+    control = np.random.default_rng(0).random((70, 400)).astype(np.float32) * 3
+    eager, compiled = (
+        ScGPTPredictor(model, vocab, genes, chunk_size=128, compile=c) for c in (False, True)
+    )
+    assert compiled.compiled and not eager.compiled
+    for n in (70, 9):  # two call sizes: one graph with dynamic shapes
+        expected = eager.cells(control[:n], ["G5"])
+        np.testing.assert_allclose(
+            compiled.cells(control[:n], ["G5"]), expected, rtol=2e-2, atol=5e-2
+        )
+
+
 def test_flash_attention_equals_the_math_path():
     """The mask-free forward reaches the flash kernel and matches the reference kernel."""
     model = _model(embsize=128).eval()

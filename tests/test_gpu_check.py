@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = {"environment", "training", "memory", "prediction", "tests"}
+STEPS = {"environment", "training", "memory", "speed", "prediction", "tests"}
 
 
 @pytest.mark.slow
@@ -34,6 +34,9 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
     assert training["flops_per_cell"] > 0 and training["ratio_vs_reference"]["ours"] > 0
     memory = steps["memory"]["rows"]
     assert len(memory) == 6 and all(r["model_step_cells_per_s"] > 0 for r in memory)
+    speed = steps["speed"]["rows"]
+    assert [r["variant"] for r in speed] == ["eager", "eager-math"]
+    assert all(r["model_step_cells_per_s"] > 0 for r in speed), speed
     prediction = steps["prediction"]
     assert all(r["cells_per_s"] > 0 for r in prediction["rows"])
     assert prediction["vcc_validation_minutes_at_best"] > 0

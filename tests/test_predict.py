@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import pickle
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from cell_eval._baseline import _build_pert_baseline
 from scgpt_vcc.data.pairing import read_pairing, write_pairing
 from scgpt_vcc.model import load_pretrained, save_checkpoint, write_random_checkpoint
 from scgpt_vcc.model.checkpoint import read_args, read_vocab
+from scgpt_vcc.predict import run as predict_run
 from scgpt_vcc.predict.baselines import (
     condition_means,
     fit_baseline,
@@ -26,13 +29,19 @@ from scgpt_vcc.predict.baselines import (
 from scgpt_vcc.predict.cells import ExpressionData
 from scgpt_vcc.predict.population import match_mean
 from scgpt_vcc.predict.run import (
+    CPU_BATCH_SIZE,
     PredictSettings,
     build_model,
     predict_heldout,
     reference_for,
     write_real,
 )
-from scgpt_vcc.predict.scgpt import RegressionMoments, gene_chunks, load_predictor
+from scgpt_vcc.predict.scgpt import (
+    PARTITION_BLOCK,
+    RegressionMoments,
+    chunk_bounds,
+    load_predictor,
+)
 from tests.predict_support import heldout_split
 
 torch.set_num_threads(1)
@@ -95,13 +104,20 @@ def test_linear_recovers_planted_linear_effect() -> None:
     np.testing.assert_allclose(model.change(["NOT_A_GENE"]), model.center)
 
 
-def test_gene_chunks_cover_every_gene_once_and_always_hold_the_target() -> None:
-    targets = np.array([7, 130])
-    chunks = gene_chunks(1000, targets, 100, np.random.default_rng(1))
-    assert all(len(c) <= 100 and set(targets) <= set(c) for c in chunks)
-    others = np.concatenate([np.setdiff1d(c, targets) for c in chunks])
-    assert sorted(others) == sorted(set(range(1000)) - set(targets))
-    assert len(chunks) == -(-998 // 98)
+@pytest.mark.parametrize(
+    ("n_others", "n_targets", "chunk_size"), [(998, 2, 100), (5, 1, 100), (0, 1, 4)]
+)
+def test_chunk_bounds_cover_every_gene_once_and_leave_room_for_the_targets(
+    n_others: int, n_targets: int, chunk_size: int
+) -> None:
+    bounds = chunk_bounds(n_others, n_targets, chunk_size)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n_others
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    sizes = [hi - lo for lo, hi in bounds]
+    assert max(sizes) + n_targets <= chunk_size and max(sizes) - min(sizes) <= 1
+    assert len(bounds) == max(1, -(-n_others // (chunk_size - n_targets)))
+    with pytest.raises(ValueError, match="no room"):
+        chunk_bounds(n_others, chunk_size, chunk_size)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +169,60 @@ def test_one_chunk_equals_full_length_forward(heldout: dict) -> None:
     np.testing.assert_allclose(
         predictor.cells(control, [target])[:, cols], full, rtol=1e-5, atol=1e-5
     )
+
+
+def test_a_cells_prediction_does_not_depend_on_the_batch_or_other_perturbations(
+    heldout: dict,
+) -> None:
+    """Partitions are drawn per block of cells of one target set: a memory setting (cells per
+    call) and the other perturbations predicted leave each cell's prediction unchanged."""
+    data = ExpressionData(heldout["data"])
+    genes, rows = data.genes, data.control_rows[: PARTITION_BLOCK + 6]
+    control = data.read(rows)
+    cols = load_predictor(heldout["finetuned"], genes, chunk_size=64).input_columns
+    a, b = genes[int(cols[2])], genes[int(cols[9])]
+    whole = load_predictor(heldout["finetuned"], genes, chunk_size=64)
+    expected = whole.cells(control, [a])
+    split = load_predictor(heldout["finetuned"], genes, chunk_size=64)
+    split.cells(control[:5], [b])  # another perturbation first
+    parts = [split.cells(control[i:j], [a]) for i, j in [(0, 7), (7, 40), (40, len(rows))]]
+    np.testing.assert_allclose(np.concatenate(parts), expected, rtol=1e-5, atol=1e-5)
+    # Cells of the next block get another partition: their predictions differ.
+    again = whole.cells(control, [a])
+    assert not np.allclose(again[:, cols], expected[:, cols], atol=1e-6)
+
+
+def test_a_call_out_of_gpu_memory_is_split_without_changing_a_prediction(
+    heldout: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = ExpressionData(heldout["data"])
+    control = data.read(data.control_rows[:10])
+    plain = load_predictor(heldout["finetuned"], data.genes, chunk_size=64)
+    target = data.genes[int(plain.input_columns[4])]
+    expected = plain.cells(control, [target])
+    small = load_predictor(heldout["finetuned"], data.genes, chunk_size=64)
+    forward = small.model.forward
+
+    def at_most_three_cells(ids: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        if ids.shape[0] > 3:  # what a GPU with room for three cells does
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return forward(ids, *args)
+
+    small.model.forward = at_most_three_cells
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_allclose(small.cells(control, [target]), expected, rtol=1e-5, atol=1e-5)
+    assert "CUDA out of memory with 10 cells per model call" in caplog.text
+    assert "with 5 cells" in caplog.text and "with 2 cells" not in caplog.text
+
+
+def test_cells_per_model_call_are_decided_by_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    unset, gpu_set = PredictSettings(), PredictSettings(gpu_batch_size=512)
+    assert unset.for_model("scgpt_finetuned").batch_size == CPU_BATCH_SIZE  # this CPU
+    monkeypatch.setattr(predict_run, "pick_device", lambda _: torch.device("cuda"))
+    assert gpu_set.for_model("scgpt_finetuned").batch_size == 512
+    assert gpu_set.for_model("scgpt_scratch").batch_size == 512
+    assert gpu_set.for_model("train_mean").batch_size == CPU_BATCH_SIZE  # no model on a GPU
+    assert PredictSettings(batch_size=16).for_model("scgpt_finetuned").batch_size == 16
 
 
 def _check_format(path: Path, data: ExpressionData, expected: dict[str, int]) -> ad.AnnData:

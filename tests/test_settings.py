@@ -28,8 +28,14 @@ from scgpt_vcc.train.config import TrainConfig
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-# null in the workflow: the gpu_classes entry decides; the library needs a concrete value.
-FROM_GPU_CLASS = {("train", "batch_size"), ("train", "accumulation"), ("train", "precision")}
+# null in the workflow: the gpu_classes entry decides (under the key given); the library
+# needs a concrete value.
+FROM_GPU_CLASS = {
+    ("train", "batch_size"): "batch_size",
+    ("train", "accumulation"): "accumulation",
+    ("train", "precision"): "precision",
+    ("predict", "batch_size"): "predict_batch_size",
+}
 
 
 def _shared_fields(section: str, settings: type) -> list[tuple[str, object]]:
@@ -57,10 +63,16 @@ def test_defaults_agree(section: str, settings: type) -> None:
 
 
 def test_gpu_class_settings_are_left_to_the_class() -> None:
-    properties = SCHEMA["properties"]["train"]["properties"]
-    for section, name in FROM_GPU_CLASS:
+    classes = SCHEMA["properties"]["gpu_classes"]
+    for (section, name), class_key in FROM_GPU_CLASS.items():
+        properties = SCHEMA["properties"][section]["properties"]
         assert properties[name].get("default") is None and CONFIG[section][name] is None
-        assert name in SCHEMA["properties"]["gpu_classes"]["additionalProperties"]["required"]
+        assert class_key in classes["additionalProperties"]["required"]
+        assert all(class_key in entry for entry in classes["default"].values())
+        assert classes["default"] == CONFIG["gpu_classes"]
+    # The library's own GPU default is the default class's.
+    default_class = CONFIG["gpu_classes"][CONFIG["gpu_class"]]
+    assert PredictSettings().gpu_batch_size == default_class["predict_batch_size"]
 
 
 def _section(path: str) -> tuple[dict, dict]:

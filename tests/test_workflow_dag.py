@@ -114,6 +114,25 @@ def test_dry_run_plans_the_submission_model_and_the_scratch_ablation(tmp_path: P
     assert next(j for j in jobs if j.rule == "submission_scgpt").gpu_type == "a40"
 
 
+def test_prediction_takes_its_cells_per_model_call_from_the_gpu_class(tmp_path: Path) -> None:
+    workdir = copy_workflow(tmp_path)
+    small = {"slurm_gpu": "small", "batch_size": 8, "accumulation": 8, "precision": "fp16"}
+    classes = {"small": {**small, "predict_batch_size": 48}}
+    predicting = ("predict_scgpt", "predict_baseline", "submission_scgpt", "submission_baseline")
+    for batch in ("none", "16"):
+        config = write_tiny_config(
+            workdir,
+            gpu_class="small",
+            gpu_classes=classes,
+            predict={"batch_size": int(batch) if batch != "none" else None},
+        )
+        jobs = [j for j in plan(workdir, "-p", "--configfile", config) if j.rule in predicting]
+        assert {j.rule for j in jobs} == set(predicting)
+        for job in jobs:
+            assert f"--batch-size {batch}" in job.shell, job.shell
+            assert ("--gpu-batch-size 48" in job.shell) == job.rule.endswith("scgpt"), job.shell
+
+
 @pytest.mark.parametrize(("gpu_class", "precision"), [("a40", "bf16"), ("titanrtx", "fp16")])
 def test_scgpt_predicts_in_the_precision_it_trains_in(
     tmp_path: Path, gpu_class: str, precision: str

@@ -244,6 +244,7 @@ def write_submission_h5ad(
     predict_settings: PredictSettings,
 ) -> dict[str, Any]:
     """Write the submission h5ad of ``model``; return what it holds (for ``submission.json``)."""
+    predict_settings = predict_settings.for_model(settings.model_type)
     gene_names = read_gene_list(gene_names_path)
     columns = gene_columns(data, gene_names, Path(gene_names_path))
     counts, n_controls = cap_cell_counts(

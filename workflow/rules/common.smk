@@ -390,13 +390,14 @@ def vocab_inputs(model_type):
 
 
 # predict settings only some model types use: scGPT's inference, the linear model's fit.
-SCGPT_SETTINGS = ("chunk_size", "device")
+SCGPT_SETTINGS = ("chunk_size", "device", "compile")
 LINEAR_SETTINGS = ("linear_pca_dim", "linear_ridge")
 
 
 def model_settings(model_type):
     """predict's settings that ``model_type`` uses; an scGPT model also gets the training's
-    GPU precision, and the models that use the vocabulary the genes' renames."""
+    GPU precision and the GPU class's cells per model call, and the models that use the
+    vocabulary the genes' renames."""
     unused = [*CELL_SETTINGS, "model_types", "threads"]
     if not is_scgpt(model_type):
         unused += SCGPT_SETTINGS
@@ -405,6 +406,7 @@ def model_settings(model_type):
     settings = {k: v for k, v in PREDICT_CFG.items() if k not in unused}
     if is_scgpt(model_type):
         settings["precision"] = gpu_precision()
+        settings["gpu_batch_size"] = GPU["predict_batch_size"]
     if uses_vocab(model_type):
         settings["gene_renames"] = VOCAB_MATCH
     return settings

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import numpy as np
 from scgpt_vcc.data.gears import read_split
 from scgpt_vcc.data.pairing import read_pairing
 from scgpt_vcc.errors import InputError
+from scgpt_vcc.model.device import pick_device
 from scgpt_vcc.model.renames import read_renames
 from scgpt_vcc.predict import MODEL_TYPES, SCGPT_MODEL_TYPES
 from scgpt_vcc.predict.baselines import fit_baseline, training_perturbations
@@ -39,23 +40,41 @@ from scgpt_vcc.predict.scgpt import DEFAULT_CHUNK_SIZE, load_predictor
 log = logging.getLogger(__name__)
 
 
+# Cells per model call on a CPU: 1.6x the scGPT cells/s of 1,024 there (docs/benchmarks.md).
+CPU_BATCH_SIZE = 64
+
+
 @dataclass(frozen=True)
 class PredictSettings:
-    """Settings shared by every model type (config section ``predict``)."""
+    """Settings shared by every model type (config section ``predict``).
+
+    ``batch_size``: cells per model call, or None to decide by device (:meth:`for_model`);
+    ``gpu_batch_size``: the GPU class's. No prediction depends on either.
+    """
 
     seed: int = 1
     n_cells: int | None = None
     n_control_cells: int | None = None
     n_reference_cells: int | None = 2048
-    batch_size: int = 64
+    batch_size: int | None = None
+    gpu_batch_size: int = 1024
     chunk_size: int = DEFAULT_CHUNK_SIZE
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False
     linear_pca_dim: int = 10
     linear_ridge: float = 0.1
     # vocab_match.json of match-vocabulary: data genes under renamed symbols (scGPT models
     # and linear_scgpt; the same file as their training's).
     gene_renames: str | None = None
+
+    def for_model(self, model_type: str) -> PredictSettings:
+        """These settings with ``batch_size`` decided: as set, else ``gpu_batch_size`` for an
+        scGPT model on a GPU and ``CPU_BATCH_SIZE`` otherwise."""
+        if self.batch_size is not None:
+            return self
+        on_gpu = model_type in SCGPT_MODEL_TYPES and pick_device(self.device).type == "cuda"
+        return replace(self, batch_size=self.gpu_batch_size if on_gpu else CPU_BATCH_SIZE)
 
 
 def build_model(
@@ -86,6 +105,7 @@ def build_model(
             device=settings.device,
             precision=settings.precision,
             renames=read_renames(settings.gene_renames),
+            compile=settings.compile,
         )
     if model_type != "control" and not training_perturbations(train_conditions):
         raise InputError(data.path, "split 'train'", "has no perturbation", "check the split")
@@ -101,7 +121,8 @@ def build_model(
 
 
 def reference_for(data: ExpressionData, settings: PredictSettings) -> ControlReference:
-    """The seed's reference controls: the same for every model type and perturbation."""
+    """The seed's reference controls: the same for every model type and perturbation
+    (``settings`` with its ``batch_size`` decided, :meth:`PredictSettings.for_model`)."""
     return control_reference(
         data, settings.n_reference_cells, settings.seed, batch_size=settings.batch_size
     )
@@ -162,6 +183,7 @@ def predict_heldout(
     """Write ``{model_type}.h5ad``: controls plus predicted cells of each test condition (in
     each context)."""
     data = ExpressionData(data_path)
+    settings = settings.for_model(model_type)
     split, controls, groups = _plan(data, Path(split_path), Path(pairing_path), settings)
     models = context_models(model_type, data, split["train"], settings, model_dir)
     log.info(
@@ -194,6 +216,6 @@ def write_real(
         controls,
         groups,
         None,
-        batch_size=max(settings.batch_size, 1024),
+        batch_size=max(settings.for_model(REAL_MODEL_TYPE).batch_size, 1024),
         uns=_uns(REAL_MODEL_TYPE, Path(split_path), settings),
     )

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from scgpt_vcc.errors import InputError
-from scgpt_vcc.model.device import enable_tf32, precision_name
+from scgpt_vcc.model.device import compiles, enable_tf32, precision_name
 from scgpt_vcc.train import ddp
 from scgpt_vcc.train.batches import Batch, EvalBatches, PerturbationCells, StepPlan, TrainSteps
 from scgpt_vcc.train.config import TrainConfig
@@ -75,9 +75,7 @@ class Trainer:
         self._ctrl_mean: torch.Tensor | None = None
         self._pending: list[tuple[torch.Tensor, list[int]]] = []
         self._steps_this_run = 0
-        # torch.compile: 1.41x the cells/s of eager bf16 training on an H200 at the real size
-        # (docs/benchmarks.md); on a CPU unmeasured and it needs a C++ compiler, so GPU only.
-        self.compiled = cfg.compile and ctx.device.type == "cuda"
+        self.compiled = compiles(cfg.compile, ctx.device)
         enable_tf32(ctx.device)
 
     # -- state ----------------------------------------------------------------------------
