@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 from scgpt_vcc.cli import main
 from scgpt_vcc.data.convert import convert_to_gears
@@ -25,8 +26,11 @@ from scgpt_vcc.data.graphs import CellGraphBuilder
 from scgpt_vcc.data.pairing import draw_control_rows, read_pairing, write_pairing
 from scgpt_vcc.data.qc import qc_report
 from scgpt_vcc.errors import InputError
+from scgpt_vcc.model.vocab import SPECIAL_TOKENS, match_genes
 from scgpt_vcc.predict.run import PredictSettings
 from scgpt_vcc.submission import SubmissionSettings, make_submission
+from scgpt_vcc.train.batches import EvalBatches, PerturbationCells
+from scgpt_vcc.train.validation import condition_means, control_means, pearson_delta
 
 gears_utils = pytest.importorskip("gears.data_utils")
 
@@ -316,3 +320,62 @@ def test_a_submission_of_several_contexts_is_refused(
             PredictSettings(),
         )
     assert not (tmp_path / "out").exists()
+
+
+class PairedControl(torch.nn.Module):
+    """A model that predicts each cell as its paired control cell (its input values)."""
+
+    def forward(self, ids: torch.Tensor, values: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        return values
+
+
+def test_model_selection_compares_each_context_with_its_own_controls(
+    stages: dict[str, Path],
+) -> None:
+    processed = ad.read_h5ad(stages["processed"])
+    genes = list(processed.var_names)
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *genes])}
+    cells = PerturbationCells(stages["processed"], stages["pairing"], match_genes(genes, vocab))
+    assert cells.contexts == sorted(CONTEXTS)
+    rows = cells.rows_of([c for c in cells.conditions if c != "ctrl"])
+    batches = EvalBatches(cells, rows, batch_size=16, max_seq_len=12)
+    pred, true, group_context = condition_means(
+        PairedControl(), cells, rows, batches, torch.device("cpu"), None
+    )
+    x = processed.X.toarray()[:, cells.input_columns]
+    context = processed.obs[CONTEXT].astype(str).to_numpy()
+    condition = processed.obs["condition"].astype(str).to_numpy()
+    groups = sorted({(condition[r], context[r]) for r in rows})  # condition-major, as coded
+    assert [cells.contexts[c] for c in group_context] == [ctx for _, ctx in groups]
+    for g, (cond, ctx) in enumerate(groups):
+        members = np.flatnonzero((condition == cond) & (context == ctx))
+        np.testing.assert_allclose(true[g], x[members].mean(0), atol=1e-5)
+        np.testing.assert_allclose(pred[g], x[cells.control_row[members]].mean(0), atol=1e-5)
+
+    controls = control_means(cells)
+    for code, ctx in enumerate(cells.contexts):
+        mine = (condition == "ctrl") & (context == ctx)
+        np.testing.assert_allclose(controls[code], x[mine].mean(0), atol=1e-5)
+
+    def expected(keep: np.ndarray) -> float:  # per context, then over contexts
+        pearsons = [
+            np.corrcoef(pred[g] - controls[group_context[g]], true[g] - controls[group_context[g]])
+            for g in keep
+        ]
+        by_context = [
+            np.mean([r[0, 1] for r, g in zip(pearsons, keep, strict=True) if group_context[g] == c])
+            for c in np.unique(group_context[keep])
+        ]
+        return float(np.mean(by_context))
+
+    value = pearson_delta(pred, true, controls, group_context)
+    assert value == pytest.approx(expected(np.arange(len(groups))), abs=1e-9)
+    odd = np.arange(1, len(groups))  # one context has a group fewer: contexts weigh the same
+    assert pearson_delta(pred[odd], true[odd], controls, group_context[odd]) == pytest.approx(
+        expected(odd), abs=1e-9
+    )
+    # One pooled control for every group measures something else.
+    pooled = torch.as_tensor(x[condition == "ctrl"].mean(0), dtype=torch.float64)
+    assert pearson_delta(pred, true, pooled[None], np.zeros_like(group_context)) != pytest.approx(
+        value, abs=1e-3
+    )

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from scgpt_vcc.data.gears import gene_symbols, perturbed_genes
+from scgpt_vcc.data.gears import cell_contexts, gene_symbols, perturbed_genes
 from scgpt_vcc.data.pairing import read_pairing
 from scgpt_vcc.errors import InputError
 from scgpt_vcc.io import CsrRowReader, read_annotations
@@ -111,6 +111,9 @@ class PerturbationCells:
         condition = pd.Categorical(obs["condition"].astype(str))
         self.conditions: list[str] = list(condition.categories)
         self.cond_code = np.asarray(condition.codes, dtype=np.int32)
+        context = pd.Categorical(cell_contexts(obs))
+        self.contexts: list[str] = list(context.categories)
+        self.context_code = np.asarray(context.codes, dtype=np.int32)
         self.control_row = _read_pairing(pairing, self.n_obs)
 
         # Model input = in-vocabulary genes; input index i <-> X column input_columns[i].

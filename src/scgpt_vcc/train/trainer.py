@@ -27,7 +27,7 @@ from scgpt_vcc.train.precision import autocast, probe_micro_batch, resolve_preci
 from scgpt_vcc.train.state import RESUME_DIR, RunState, load_resume, save_resume
 from scgpt_vcc.train.validation import (
     condition_means,
-    control_mean,
+    control_means,
     improves,
     pearson_delta,
     resolve_selection,
@@ -72,7 +72,7 @@ class Trainer:
         self.state = RunState()
         self.selection = resolve_selection(cfg.selection, val_conditions)
         self.ddp_model: nn.Module = model
-        self._ctrl_mean: torch.Tensor | None = None
+        self._ctrl_means: torch.Tensor | None = None
         self._pending: list[tuple[torch.Tensor, list[int]]] = []
         self._steps_this_run = 0
         self.compiled = compiles(cfg.compile, ctx.device)
@@ -249,15 +249,16 @@ class Trainer:
     # -- validation -------------------------------------------------------------------------
 
     def validate(self) -> float:
-        """Mean over validation conditions of Pearson(pred - ctrl, true - ctrl), all genes."""
+        """Mean over validation conditions of Pearson(pred - ctrl, true - ctrl), all genes,
+        within each cell context (:func:`~scgpt_vcc.train.validation.pearson_delta`)."""
         rows = self.cells.rows_of(self.val_conditions)
         batches = EvalBatches(self.cells, rows, self.cfg.eval_batch_size, self.cfg.max_seq_len)
-        pred, true = condition_means(
+        pred, true, group_context = condition_means(
             self.model, self.cells, rows, self._loader(batches), self.ctx.device, self.dtype
         )
-        if self._ctrl_mean is None:
-            self._ctrl_mean = control_mean(self.cells)
-        return pearson_delta(pred, true, self._ctrl_mean)
+        if self._ctrl_means is None:
+            self._ctrl_means = control_means(self.cells)
+        return pearson_delta(pred, true, self._ctrl_means, group_context)
 
     # -- run ------------------------------------------------------------------------------
 

@@ -42,15 +42,18 @@ def condition_means(
     batches: Iterable[Batch],
     device: torch.device,
     dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-condition means of predicted and true expression over ``rows``, all genes.
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Means of predicted and true expression over ``rows``, all genes, per (condition,
+    context) group present, and each group's context code.
 
     ``batches`` are the evaluation batches of ``rows`` (host tensors).
     """
-    codes = np.unique(cells.cond_code[rows])
-    slot = np.full(len(cells.conditions), -1)
-    slot[codes] = np.arange(len(codes))
-    shape = (len(codes), cells.n_input_genes)
+    n_contexts = len(cells.contexts)
+    group_of_row = cells.cond_code.astype(np.int64) * n_contexts + cells.context_code
+    groups = np.unique(group_of_row[rows])
+    slot = np.full(len(cells.conditions) * n_contexts, -1)
+    slot[groups] = np.arange(len(groups))
+    shape = (len(groups), cells.n_input_genes)
     pred_sum, true_sum, count = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
     model.eval()
     for batch in batches:
@@ -60,32 +63,44 @@ def condition_means(
         keep = batch.measured  # virtual inputs (unmeasured targets) have no truth
         pred = pred.float().cpu().double()[:, keep]
         genes = torch.as_tensor(cells.gene_index(batch.gene_ids[keep]))
-        which = torch.as_tensor(slot[cells.cond_code[batch.rows.numpy()]])
+        which = torch.as_tensor(slot[group_of_row[batch.rows.numpy()]])
         for s in which.unique():
             chosen = which == s
             pred_sum[s, genes] += pred[chosen].sum(0)
             true_sum[s, genes] += batch.target[chosen][:, keep].double().sum(0)
             count[s, genes] += float(chosen.sum())
-    return pred_sum / count, true_sum / count
+    return pred_sum / count, true_sum / count, groups % n_contexts
 
 
-def control_mean(cells: PerturbationCells) -> torch.Tensor:
-    """Mean expression of the control cells, all input genes."""
-    rows = cells.rows_of([CONTROL])
-    total = torch.zeros(cells.n_input_genes, dtype=torch.float64)
+def control_means(cells: PerturbationCells) -> torch.Tensor:
+    """Mean expression of each context's control cells, all input genes: [contexts, genes]."""
     genes = np.arange(cells.n_input_genes)
-    for start in range(0, len(rows), 1024):
-        total += cells.build(rows[start : start + 1024], genes).target.double().sum(0)
-    return total / max(len(rows), 1)
+    means = torch.zeros((len(cells.contexts), cells.n_input_genes), dtype=torch.float64)
+    controls = cells.rows_of([CONTROL])
+    for code in range(len(cells.contexts)):
+        rows = controls[cells.context_code[controls] == code]
+        for start in range(0, len(rows), 1024):
+            means[code] += cells.build(rows[start : start + 1024], genes).target.double().sum(0)
+        means[code] /= max(len(rows), 1)
+    return means
 
 
-def pearson_delta(pred: torch.Tensor, true: torch.Tensor, ctrl: torch.Tensor) -> float:
-    """Mean over conditions of Pearson(pred - ctrl, true - ctrl); undefined ones skipped."""
-    return float(
-        np.nanmean(
-            [
-                pearson((p - ctrl).numpy(), (t - ctrl).numpy(), undefined=np.nan)
-                for p, t in zip(pred, true, strict=True)
-            ]
-        )
+def pearson_delta(
+    pred: torch.Tensor, true: torch.Tensor, ctrl: torch.Tensor, group_context: np.ndarray
+) -> float:
+    """Pearson(pred - ctrl, true - ctrl) of each (condition, context) group against its
+    context's controls, averaged over a context's groups and then over contexts (each context
+    weighted equally, as the evaluation does); undefined ones skipped. Pooling contexts would
+    let a condition's mix of contexts, unlike the controls', pass for an effect."""
+    per_group = np.array(
+        [
+            pearson((p - ctrl[c]).numpy(), (t - ctrl[c]).numpy(), undefined=np.nan)
+            for p, t, c in zip(pred, true, group_context, strict=True)
+        ]
     )
+    per_context = [
+        np.nanmean(per_group[group_context == c])
+        for c in np.unique(group_context)
+        if np.isfinite(per_group[group_context == c]).any()
+    ]
+    return float(np.mean(per_context)) if per_context else float("nan")
