@@ -22,8 +22,8 @@ order is seeded by (seed, targets, block). So a cell's prediction does not depen
 many cells go into one model call (``predict.batch_size``, a memory and speed setting) nor
 on which other perturbations are predicted, and the population mean averages over
 ``n_reference_cells / PARTITION_BLOCK`` partitions (32 by default). A partition per cell
-would cost 0.58 s of CPU per 1,024 cells (measured here), 10% of the model's time on an
-H200; one per 64 cells costs under 1%.
+would cost 0.2-0.6 s of CPU per 1,024 cells, 4-10% of the model's time on an H200; one per
+64 cells costs 0.003 s (docs/benchmarks.md).
 
 A model call keeps its cells on the model's device: the inputs are copied there once, each
 chunk is gathered and its output scattered there, and the predictions come back in one copy.

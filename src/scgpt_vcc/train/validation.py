@@ -98,9 +98,8 @@ def pearson_delta(
             for p, t, c in zip(pred, true, group_context, strict=True)
         ]
     )
+    defined = np.isfinite(per_group)
     per_context = [
-        np.nanmean(per_group[group_context == c])
-        for c in np.unique(group_context)
-        if np.isfinite(per_group[group_context == c]).any()
+        per_group[defined & (group_context == c)].mean() for c in np.unique(group_context[defined])
     ]
     return float(np.mean(per_context)) if per_context else float("nan")
